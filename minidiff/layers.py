@@ -1,0 +1,186 @@
+"""The building blocks shared by every minidiff model: read this file once, then the models read easily.
+
+- `timestep_embedding` / `TimestepEmbedding`: the sinusoidal embedding of the timestep t, then an MLP
+  (Vaswani et al. 2017, sec. 3.5; used for diffusion by Ho et al. 2020, appendix B).
+- `ResnetBlock2D`: GroupNorm -> SiLU -> conv, plus the timestep embedding, twice, with a skip
+  (He et al. 2016; the DDPM variant of Ho et al. 2020).
+- `Attention`: multi-head attention over the H*W positions of a feature map (self-attention) or over
+  text tokens (cross-attention, Rombach et al. 2022), through `F.scaled_dot_product_attention`.
+- `Downsample2D` / `Upsample2D`: halve or double H and W.
+
+Attribute names equal the keys of diffusers checkpoints (`conv1`, `time_emb_proj`, `to_q`, `to_out.0`),
+so a checkpoint's weights load into these modules with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps: (B,) -> (B, dim).
+
+    freq_i = max_period^(-i / (dim/2 - freq_shift)), i = 0 .. dim/2-1
+    emb    = [sin(t * freq), cos(t * freq)]   (or [cos, sin] when flip_sin_to_cos)
+    `freq_shift` is 1 in the original DDPM code and 0 in Stable Diffusion.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / (half - freq_shift))                    # (dim/2,)
+    args = timesteps[:, None].float() * freqs[None, :]                   # (B, dim/2)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)          # (B, dim)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)          # [cos, sin]
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))                                         # (B, dim) for odd dim
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """The MLP after the sinusoidal embedding: (B, in_dim) -> (B, time_embed_dim)."""
+
+    def __init__(self, in_dim: int, time_embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, time_embed_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(emb)))
+
+
+class ResnetBlock2D(nn.Module):
+    """(B, C_in, H, W) [+ temb (B, T)] -> (B, C_out, H, W).
+
+    h = conv1(silu(norm1(x))) + proj(silu(temb));  h = conv2(silu(norm2(h)));  out = (skip(x) + h) / scale
+    The VAE's blocks have no timestep: `temb_channels=None`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # A 1x1 conv on the skip path only where the channel count changes.
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))                                # (B, C_out, H, W)
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]      # (B, C_out) -> (B, C_out, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return (skip + h) / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    """Multi-head attention, (B, N, query_dim) [+ context (B, M, context_dim)] -> (B, N, query_dim).
+
+    softmax(Q K^T / sqrt(d)) V, per head (Vaswani et al. 2017, eq. 1). With `norm_groups` set this is the
+    attention block of the DDPM UNet and the VAE: it takes a feature map (B, C, H, W), GroupNorms it,
+    attends over the H*W positions and adds the input back (a residual inside the block).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        bias: bool = False,
+        norm_groups: int | None = None,
+        eps: float = 1e-5,
+        rescale_output_factor: float = 1.0,
+    ):
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = context_dim if context_dim is not None else query_dim
+        self.heads = heads
+        self.group_norm = nn.GroupNorm(norm_groups, query_dim, eps=eps) if norm_groups is not None else None
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(0.0)])  # key `to_out.0`
+        self.rescale_output_factor = rescale_output_factor
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim == 4:  # the feature-map form: GroupNorm, attend over positions, add the input back
+            B, C, H, W = x.shape
+            h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)       # (B, C, H, W) -> (B, H*W, C)
+            h = self.attend(h, context)                                     # (B, H*W, C)
+            h = h.transpose(1, 2).reshape(B, C, H, W)                       # (B, H*W, C) -> (B, C, H, W)
+            return (h + x) / self.rescale_output_factor
+        return self.attend(x, context)
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, query_dim), context (B, M, context_dim) or None for self-attention -> (B, N, query_dim)."""
+        context = x if context is None else context
+        B, N, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)     # (B, N|M, heads*d)
+        d = q.shape[-1] // self.heads
+        # (B, N, heads*d) -> (B, heads, N, d)
+        q, k, v = (t.view(B, -1, self.heads, d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)                       # (B, heads, N, d)
+        out = out.transpose(1, 2).reshape(B, N, self.heads * d)             # (B, heads, N, d) -> (B, N, heads*d)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class Downsample2D(nn.Module):
+    """(B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 conv.
+
+    `padding=0` (the original DDPM and VAE code) pads only the right and bottom edge by one pixel.
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))                                      # (left, right, top, bottom)
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """(B, C, H, W) -> (B, C, 2H, 2W): nearest-neighbour upsampling, then a 3x3 conv.
+
+    `size` forces the output size, so the upsampled map matches its skip connection when H or W was odd.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype == torch.bfloat16:  # nearest upsampling has no bf16 kernel on some torch builds
+            x = x.float()
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x.to(dtype))

@@ -1,0 +1,1 @@
+"""The samplers: each file is one method, written as its paper writes it."""

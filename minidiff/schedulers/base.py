@@ -1,0 +1,155 @@
+"""What every minidiff scheduler shares: the beta schedule, loading a config, `add_noise`, the output.
+
+Names follow the DDPM paper (Ho et al. 2020, https://arxiv.org/abs/2006.11239) in ASCII:
+
+| here          | paper   | diffusers / scheduler_config.json |
+|---------------|---------|-----------------------------------|
+| `beta`        | β_t     | `betas`                           |
+| `alpha`       | α_t = 1 - β_t | `alphas`                    |
+| `alpha_bar`   | ᾱ_t = ∏_{s<=t} α_s | `alphas_cumprod`       |
+| `sigma`       | σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) (the EDM / k-diffusion noise level) | `sigmas` |
+
+A scheduler is built from a dict of config values (`scheduler_config.json`), exactly like diffusers:
+`from_pretrained(folder, subfolder="scheduler")` or `from_config(other_scheduler.config)`. Keys a
+scheduler does not use are ignored (the tutorials build a UniPC scheduler from SD's PNDM config) and its
+own defaults apply where the config is silent. Passing an unknown keyword to the constructor directly
+is an error, since there it is a typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..config import config_from_dict, config_to_dict, read_json
+from ..hub import resolve_file
+
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+
+
+@dataclass
+class SchedulerOutput:
+    """`prev_sample`: x_{t-1}, (B, C, H, W). `pred_original_sample`: the model's estimate of x_0, where the
+    method defines one."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+               trained_betas=None) -> torch.Tensor:
+    """β_1..β_T, float32, shape (T,)."""
+    T = num_train_timesteps
+    if trained_betas is not None:
+        betas = torch.tensor(trained_betas, dtype=torch.float32)
+        if betas.shape != (T,):
+            raise ValueError(f"trained_betas has {betas.numel()} values; expected num_train_timesteps={T}.")
+        return betas
+    if beta_schedule == "linear":  # Ho et al. 2020, sec. 4
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":  # Stable Diffusion: linear in sqrt(β)
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. 17: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(
+        f"Unknown beta_schedule {beta_schedule!r}; expected one of 'linear', 'scaled_linear', "
+        "'squaredcos_cap_v2', or trained_betas."
+    )
+
+
+class SchedulerBase:
+    """Base of minidiff's schedulers. A subclass defines a frozen dataclass `Config` and its methods."""
+
+    Config: type = None
+    order: int = 1  # model evaluations per step (PNDM's PRK warm-up and Heun use more)
+
+    def __init__(self, **config):
+        self.config = config_from_dict(self.Config, config, strict=True, source=type(self).__name__)
+        self.num_inference_steps = None
+        self.timesteps = None
+        self.setup()
+
+    def setup(self) -> None:
+        """Compute the training-time noise schedule from `self.config`; subclasses extend this."""
+        c = self.config
+        self.betas = make_betas(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule,
+                                c.trained_betas)
+        self.alphas = 1.0 - self.betas                        # α_t = 1 - β_t
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)   # ᾱ_t = ∏_{s<=t} α_s
+        self.init_noise_sigma = 1.0                           # std of x_T; Euler-type schedulers use σ_max
+
+    # --- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """From a dict (`scheduler_config.json`) or another scheduler's `.config`; unused keys are ignored."""
+        if dataclasses.is_dataclass(config):
+            config = dataclasses.asdict(config)
+        elif not isinstance(config, dict):
+            raise TypeError(f"from_config expects a dict or a scheduler's .config, found {type(config).__name__}.")
+        values = {k: v for k, v in config.items() if not k.startswith("_")}
+        values.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, subfolder: str | None = None, cache_dir: str | None = None,
+                        local_files_only: bool | None = None, **overrides):
+        """From `scheduler_config.json` in a folder, bundled checkpoint or hub repo (any scheduler's file)."""
+        path = resolve_file(path_or_repo_id, SCHEDULER_CONFIG_NAME, subfolder=subfolder, cache_dir=cache_dir,
+                            local_files_only=local_files_only)
+        return cls.from_config(read_json(path), **overrides)
+
+    def save_pretrained(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, SCHEDULER_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config_to_dict(self.config, type(self).__name__), f, indent=2)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    # --- checks shared by every scheduler -----------------------------------------------------------
+    def check_num_inference_steps(self, num_inference_steps: int) -> None:
+        T = self.config.num_train_timesteps
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
+            raise ValueError(
+                f"num_inference_steps must be an int between 1 and num_train_timesteps={T}; "
+                f"found {num_inference_steps!r}."
+            )
+
+    def step_index_of(self, timestep) -> int:
+        """The index of `timestep` in `self.timesteps`, or a clear error."""
+        if self.timesteps is None:
+            raise RuntimeError(f"{type(self).__name__}.step() was called before set_timesteps(num_inference_steps).")
+        t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        hits = (self.timesteps == t).nonzero()
+        if len(hits) == 0:
+            shown = self.timesteps[:6].tolist()
+            raise ValueError(f"Timestep {t} is not in this scheduler's schedule {shown}...; "
+                             "step() takes the values of scheduler.timesteps.")
+        # A timestep can repeat (PNDM's PRK warm-up, Heun): the scheduler tracks its own position then.
+        return int(hits[0])
+
+    # --- the forward process q(x_t | x_0), for training and image-to-image -------------------------
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (Ho et al. 2020, eq. 4). x_0, ε: (B, ...), t: (B,)."""
+        alpha_bar = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
+        timesteps = torch.as_tensor(timesteps, device=original_samples.device).long().reshape(-1)
+        alpha_bar_t = alpha_bar[timesteps]                                         # (B,)
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)                         # (B, 1, 1, 1)
+        return alpha_bar_t.sqrt().view(shape) * original_samples + (1 - alpha_bar_t).sqrt().view(shape) * noise
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """Most schedulers feed x_t to the model unchanged; Euler-type ones divide by sqrt(σ² + 1)."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
