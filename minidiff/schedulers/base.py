@@ -24,6 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import config_from_dict, config_to_dict, read_json
@@ -64,6 +65,28 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
         f"Unknown beta_schedule {beta_schedule!r}; expected one of 'linear', 'scaled_linear', "
         "'squaredcos_cap_v2', or trained_betas."
     )
+
+
+def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str,
+                     steps_offset: int = 0) -> np.ndarray:
+    """The n inference timesteps, descending, float64, in one of the three spacings of Lin et al. 2024,
+    Table 2 (https://arxiv.org/abs/2305.08891). "linspace" is left unrounded: DDPM-type schedulers round it,
+    Euler-type ones keep the fractions.
+
+    Computed with numpy exactly as diffusers does: torch.linspace/arange differ in the last bit, which moves
+    some .5 roundings and even the length of the "trailing" range (diffusers gives n+1 timesteps for some n,
+    e.g. 61 of 1000, and so does this function).
+    """
+    T, n = num_train_timesteps, num_inference_steps
+    if timestep_spacing == "linspace":   # evenly from 0 to T-1, both ends included
+        return np.linspace(0, T - 1, n)[::-1].copy()
+    if timestep_spacing == "leading":    # 0, k, 2k, ... with k = T // n, shifted by steps_offset
+        step_ratio = T // n
+        return (np.arange(0, n) * step_ratio)[::-1].astype(np.float64) + steps_offset
+    if timestep_spacing == "trailing":   # T-1, T-1-k, ... with k = T / n: always starts at the noisiest step
+        step_ratio = T / n
+        return np.round(np.arange(T, 0, -step_ratio)) - 1
+    raise ValueError(f"Unknown timestep_spacing {timestep_spacing!r}; expected 'linspace', 'leading' or 'trailing'.")
 
 
 class SchedulerBase:
@@ -125,9 +148,20 @@ class SchedulerBase:
                 f"found {num_inference_steps!r}."
             )
 
+    def check_integer_timesteps(self, timesteps: torch.Tensor) -> None:
+        """Schedulers that index ᾱ_t by t need every t in [0, T-1]; some spacings step outside it."""
+        T = self.config.num_train_timesteps
+        if len(timesteps) and (timesteps.min() < 0 or timesteps.max() > T - 1):
+            raise ValueError(
+                f"{self.num_inference_steps} steps with timestep_spacing={self.config.timestep_spacing!r} and "
+                f"steps_offset={getattr(self.config, 'steps_offset', 0)} give timesteps from "
+                f"{int(timesteps.min())} to {int(timesteps.max())}, outside the trained range [0, {T - 1}]. "
+                "Use fewer steps or another timestep_spacing (e.g. 'trailing')."
+            )
+
     def step_index_of(self, timestep) -> int:
         """The index of `timestep` in `self.timesteps`, or a clear error."""
-        if self.timesteps is None:
+        if self.timesteps is None or self.num_inference_steps is None:
             raise RuntimeError(f"{type(self).__name__}.step() was called before set_timesteps(num_inference_steps).")
         t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
         hits = (self.timesteps == t).nonzero()
