@@ -4,3 +4,6 @@ Each name below lives in one short file; open it beside the notebooks.
 """
 
 __version__ = "0.1.0"
+
+from .unet_2d import UNet2DConfig, UNet2DModel, UNet2DOutput
+from .vae import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution

@@ -1,0 +1,289 @@
+"""The KL autoencoder of latent diffusion (Rombach et al. 2022, https://arxiv.org/abs/2112.10752, sec. 3
+and appendix G), as in Stable Diffusion's `vae/` folder.
+
+    encode: image x (B, 3, H, W) -> q(z | x) = N(mean, std^2), each (B, 4, H/8, W/8)
+    decode: latent z (B, 4, H/8, W/8) -> image (B, 3, H, W)
+
+Stable Diffusion's UNet works on `z * scaling_factor` (0.18215 for SD v1), which gives the latents
+roughly unit variance (Rombach et al. 2022, sec. 4.3.2 and appendix D.1); the pipelines multiply after
+`encode` and divide before `decode`.
+
+The encoder is conv_in, then per level `layers_per_block` ResNet blocks and a stride-2 conv (not after
+the last level), a mid block (ResNet, single-head self-attention, ResNet), GroupNorm, SiLU and a conv to
+2 * latent_channels: the mean and log-variance of the Gaussian. `quant_conv` / `post_quant_conv` are 1x1
+convs kept from the VQ-GAN code the model descends from. The decoder mirrors the encoder with
+`layers_per_block + 1` ResNet blocks per level and nearest-neighbour upsampling; it has no skip
+connections and no timestep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from .modeling import PretrainedModel
+from .unet_2d import UNetMidBlock2D
+from .utils import randn_tensor
+
+EPS = 1e-6  # the GroupNorm epsilon of every norm in the VAE (fixed in the original code, not in config.json)
+
+
+@dataclass(frozen=True)
+class AutoencoderKLConfig:
+    """The keys of an `AutoencoderKL` config.json; defaults are diffusers' defaults."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int | tuple[int, int] = 32
+    scaling_factor: float = 0.18215     # SD v1's value; files written before diffusers 0.13 lack the key
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True           # read by pipelines: run this VAE in fp32 even in an fp16 pipeline
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    # Options of the checkpoint format that minidiff does not implement, accepted only at these values
+    # (SD 3 / Flux VAEs set shift_factor and drop quant_conv; SDXL-era ones may set latents_mean/std).
+    _supported_values = {
+        "act_fn": ("silu", "swish"),    # the same function under two names
+        "shift_factor": (None,),
+        "latents_mean": (None,),
+        "latents_std": (None,),
+        "use_quant_conv": (True,),
+        "use_post_quant_conv": (True,),
+        "mid_block_add_attention": (True,),
+    }
+
+    def validate(self, source: str) -> None:
+        """Refuse configs that would build a different network than the checkpoint's."""
+        name = type(self).__name__
+        for key, allowed in self._supported_values.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{source}: {name} does not implement {key}={getattr(self, key)!r} "
+                                 f"(minidiff supports {list(allowed)}).")
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                f"{source}: expected as many down_block_types and up_block_types as block_out_channels ({n}), "
+                f"found {len(self.down_block_types)} and {len(self.up_block_types)}. Check the config."
+            )
+        for key, block_types, known in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
+                                        ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
+            unknown = sorted({t for t in block_types if t != known})
+            if unknown:
+                raise ValueError(f"{source}: {name} does not implement the block type(s) {unknown} in {key}; "
+                                 f"minidiff supports [{known!r}].")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups != 0]
+        if bad:
+            raise ValueError(f"{source}: block_out_channels {bad} are not divisible by "
+                             f"norm_num_groups={self.norm_num_groups}; GroupNorm needs them to be.")
+
+
+@dataclass
+class AutoencoderKLOutput:
+    """`latent_dist`: the posterior q(z | x)."""
+
+    latent_dist: DiagonalGaussianDistribution
+
+
+@dataclass
+class DecoderOutput:
+    """`sample`: the decoded images, (B, out_channels, H, W), roughly in [-1, 1]."""
+
+    sample: torch.Tensor
+
+
+class DiagonalGaussianDistribution:
+    """q(z | x) = N(mean, diag(var)), from the encoder's (B, 2 * latent_channels, h, w) output.
+
+    The first half of the channels is the mean, the second the log-variance, clamped to [-30, 20] so
+    that exp() stays finite.
+    """
+
+    def __init__(self, parameters: torch.Tensor):
+        self.parameters = parameters
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)  # (B, 2L, h, w) -> 2 x (B, L, h, w)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """z = mean + std * eps, eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014, sec. 2.4)."""
+        eps = randn_tensor(self.mean.shape, generator=generator, device=self.parameters.device,
+                           dtype=self.parameters.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        """The most likely latent: the mean."""
+        return self.mean
+
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
+        """KL(self || other) per image, (B,); `other=None` is the prior N(0, I) (the VAE's KL loss term)."""
+        if other is None:
+            return 0.5 * torch.sum(self.mean**2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum((self.mean - other.mean) ** 2 / other.var + self.var / other.var
+                               - 1.0 - self.logvar + other.logvar, dim=[1, 2, 3])
+
+
+def _mid_block(channels: int, groups: int) -> UNetMidBlock2D:
+    """ResNet, self-attention with one head over all channels, ResNet; no timestep."""
+    attention = Attention(channels, heads=1, dim_head=channels, bias=True, norm_groups=groups, eps=EPS)
+    return UNetMidBlock2D(channels, None, groups, EPS, attention=attention)
+
+
+class DownEncoderBlock2D(nn.Module):
+    """(B, C_in, H, W) -> (B, C_out, H/2, W/2) (no halving at the last level). Keys: `resnets.i`, `downsamplers.0`."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups=groups, eps=EPS)
+            for i in range(num_layers)
+        ])
+        # padding=0: pad only the right and bottom edge, as the original LDM code does
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if add_downsample else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            h = resnet(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+        return h
+
+
+class UpDecoderBlock2D(nn.Module):
+    """(B, C_in, H, W) -> (B, C_out, 2H, 2W) (no doubling at the last level). Keys: `resnets.i`, `upsamplers.0`."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups=groups, eps=EPS)
+            for i in range(num_layers)
+        ])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            h = resnet(h)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h)
+        return h
+
+
+class Encoder(nn.Module):
+    """Image (B, C_img, H, W) -> Gaussian parameters (B, 2 * latent_channels, H / 2^(n-1), W / 2^(n-1))."""
+
+    def __init__(self, config: AutoencoderKLConfig):
+        super().__init__()
+        channels, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups,
+                               add_downsample=i < len(channels) - 1)
+            for i in range(len(channels))
+        ])
+        self.mid_block = _mid_block(channels[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)                                          # (B, C0, H, W)
+        for block in self.down_blocks:
+            h = block(h)                                             # halves H, W (except the last)
+        h = self.mid_block(h)                                        # (B, C_last, h, w)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))   # (B, 2L, h, w)
+
+
+class Decoder(nn.Module):
+    """Latent (B, latent_channels, h, w) -> image (B, C_img, h * 2^(n-1), w * 2^(n-1))."""
+
+    def __init__(self, config: AutoencoderKLConfig):
+        super().__init__()
+        channels, groups = config.block_out_channels, config.norm_num_groups
+        reversed_channels = list(reversed(channels))
+        self.conv_in = nn.Conv2d(config.latent_channels, channels[-1], 3, padding=1)
+        self.mid_block = _mid_block(channels[-1], groups)
+        self.up_blocks = nn.ModuleList([
+            UpDecoderBlock2D(reversed_channels[max(i - 1, 0)], reversed_channels[i], config.layers_per_block + 1,
+                             groups, add_upsample=i < len(channels) - 1)
+            for i in range(len(channels))
+        ])
+        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)                                          # (B, C_last, h, w)
+        h = self.mid_block(h)
+        for block in self.up_blocks:
+            h = block(h)                                             # doubles H, W (except the last)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))   # (B, C_img, H, W)
+
+
+class AutoencoderKL(PretrainedModel):
+    """The Stable Diffusion VAE: `encode(x).latent_dist` and `decode(z).sample`.
+
+    `AutoencoderKL.from_pretrained("CompVis/stable-diffusion-v1-4", subfolder="vae")`.
+    """
+
+    config_class = AutoencoderKLConfig
+
+    def __init__(self, config: AutoencoderKLConfig):
+        super().__init__()
+        config.validate(type(self).__name__)
+        self.config = config
+        L = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1)
+        self.post_quant_conv = nn.Conv2d(L, L, 1)
+        self.use_slicing = False
+
+    def enable_slicing(self) -> None:
+        """Encode and decode one image of a batch at a time: less peak memory for large batches, same result."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def _check_input(self, x: torch.Tensor, channels: int, what: str) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"Expected {what} of shape (B, {channels}, H, W), found {tuple(x.shape)}.")
+
+    def encode(self, x: torch.Tensor) -> AutoencoderKLOutput:
+        """Images (B, C, H, W), roughly in [-1, 1] -> AutoencoderKLOutput(latent_dist=q(z | x))."""
+        self._check_input(x, self.config.in_channels, "images")
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self.quant_conv(self.encoder(x_i)) for x_i in x.split(1)])
+        else:
+            moments = self.quant_conv(self.encoder(x))               # (B, 2L, h, w)
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(moments))
+
+    def decode(self, z: torch.Tensor) -> DecoderOutput:
+        """Latents (B, L, h, w), unscaled (divide by scaling_factor first) -> DecoderOutput(sample=images)."""
+        self._check_input(z, self.config.latent_channels, "latents")
+        if self.use_slicing and z.shape[0] > 1:
+            images = torch.cat([self.decoder(self.post_quant_conv(z_i)) for z_i in z.split(1)])
+        else:
+            images = self.decoder(self.post_quant_conv(z))            # (B, C, H, W)
+        return DecoderOutput(sample=images)
+
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = False,
+                generator: torch.Generator | None = None) -> DecoderOutput:
+        """Reconstruct: decode(z) with z the posterior's mean, or a sample from it when `sample_posterior`."""
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        return self.decode(z)
