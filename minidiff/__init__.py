@@ -7,3 +7,9 @@ __version__ = "0.1.0"
 
 from .unet_2d import UNet2DConfig, UNet2DModel, UNet2DOutput
 from .vae import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
+
+from .schedulers.ddim import DDIMScheduler
+from .schedulers.ddpm import DDPMScheduler
+from .schedulers.euler import EulerDiscreteScheduler
+from .schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from .schedulers.pndm import PNDMScheduler

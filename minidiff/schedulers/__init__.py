@@ -1,1 +1,8 @@
 """The samplers: each file is one method, written as its paper writes it."""
+
+from .base import SchedulerBase, SchedulerOutput
+from .ddim import DDIMScheduler, DDIMSchedulerConfig
+from .ddpm import DDPMScheduler, DDPMSchedulerConfig
+from .euler import EulerDiscreteScheduler, EulerDiscreteSchedulerConfig
+from .euler_ancestral import EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig
+from .pndm import PNDMScheduler, PNDMSchedulerConfig
