@@ -14,6 +14,12 @@ A scheduler is built from a dict of config values (`scheduler_config.json`), exa
 scheduler does not use are ignored (the tutorials build a UniPC scheduler from SD's PNDM config) and its
 own defaults apply where the config is silent. Passing an unknown keyword to the constructor directly
 is an error, since there it is a typo.
+
+Like diffusers, a scheduler's config remembers which values were *given* (by the file, the caller or
+overrides), unknown keys included, and `from_config(other.config)` passes on only those: SD's PNDM config
+leaves `timestep_spacing` at PNDM's default "leading", so `EulerDiscreteScheduler.from_config(pndm.config)`
+uses Euler's own default "linspace", while SD's explicit `clip_sample: false` (a key PNDM ignores)
+still reaches a DDIM scheduler built from it. See `given_values`.
 """
 
 from __future__ import annotations
@@ -89,6 +95,19 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timeste
     raise ValueError(f"Unknown timestep_spacing {timestep_spacing!r}; expected 'linspace', 'leading' or 'trailing'.")
 
 
+def given_values(config) -> dict:
+    """The values a config states explicitly: a dict (a `scheduler_config.json`, or a diffusers scheduler's
+    `.config`, whose `_use_default_values` lists the keys it left at defaults), or a minidiff scheduler's
+    `.config`, which remembers what it was given (see `SchedulerBase.__init__`)."""
+    if dataclasses.is_dataclass(config):
+        given = getattr(config, "_given", None)
+        return dict(given) if given is not None else dataclasses.asdict(config)
+    if isinstance(config, dict):
+        defaults = set(config.get("_use_default_values", ()))
+        return {k: v for k, v in config.items() if not k.startswith("_") and k not in defaults}
+    raise TypeError(f"from_config expects a dict or a scheduler's .config, found {type(config).__name__}.")
+
+
 class SchedulerBase:
     """Base of minidiff's schedulers. A subclass defines a frozen dataclass `Config` and its methods."""
 
@@ -97,6 +116,7 @@ class SchedulerBase:
 
     def __init__(self, **config):
         self.config = config_from_dict(self.Config, config, strict=True, source=type(self).__name__)
+        self.remember_given(config)
         self.num_inference_steps = None
         self.timesteps = None
         self.setup()
@@ -111,17 +131,21 @@ class SchedulerBase:
         self.init_noise_sigma = 1.0                           # std of x_T; Euler-type schedulers use σ_max
 
     # --- building ---------------------------------------------------------------------------------
+    def remember_given(self, values: dict) -> None:
+        """Keep the explicitly given values on the (frozen) config, for `from_config` of another scheduler."""
+        object.__setattr__(self.config, "_given", {k: v for k, v in values.items() if not k.startswith("_")})
+
     @classmethod
     def from_config(cls, config, **overrides):
-        """From a dict (`scheduler_config.json`) or another scheduler's `.config`; unused keys are ignored."""
-        if dataclasses.is_dataclass(config):
-            config = dataclasses.asdict(config)
-        elif not isinstance(config, dict):
-            raise TypeError(f"from_config expects a dict or a scheduler's .config, found {type(config).__name__}.")
-        values = {k: v for k, v in config.items() if not k.startswith("_")}
+        """From a dict (`scheduler_config.json`) or another scheduler's `.config`: the values it gives
+        explicitly (see `given_values`) plus `overrides`; keys this scheduler does not use are ignored
+        but kept, so that they reach the next scheduler built from this one's config."""
+        values = given_values(config)
         values.update(overrides)
         known = {f.name for f in dataclasses.fields(cls.Config)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        scheduler = cls(**{k: v for k, v in values.items() if k in known})
+        scheduler.remember_given(values)
+        return scheduler
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, subfolder: str | None = None, cache_dir: str | None = None,
@@ -133,8 +157,11 @@ class SchedulerBase:
 
     def save_pretrained(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
+        values = config_to_dict(self.config, type(self).__name__)
+        # keys this scheduler ignores but was given (SD's clip_sample on PNDM) are saved too, as diffusers does
+        values.update({k: v for k, v in given_values(self.config).items() if k not in values})
         with open(os.path.join(folder, SCHEDULER_CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(config_to_dict(self.config, type(self).__name__), f, indent=2)
+            json.dump(values, f, indent=2)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
