@@ -13,3 +13,5 @@ from .schedulers.ddpm import DDPMScheduler
 from .schedulers.euler import EulerDiscreteScheduler
 from .schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from .schedulers.pndm import PNDMScheduler
+from .schedulers.dpmsolver_multistep import DPMSolverMultistepScheduler
+from .schedulers.unipc_multistep import UniPCMultistepScheduler

@@ -6,3 +6,6 @@ from .ddpm import DDPMScheduler, DDPMSchedulerConfig
 from .euler import EulerDiscreteScheduler, EulerDiscreteSchedulerConfig
 from .euler_ancestral import EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig
 from .pndm import PNDMScheduler, PNDMSchedulerConfig
+from .dpmsolver_multistep import DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig
+from .unipc_multistep import UniPCMultistepScheduler, UniPCMultistepSchedulerConfig
+from .compare import Schedule, plot_schedules, schedule_table
