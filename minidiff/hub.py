@@ -10,6 +10,7 @@ A name is resolved in this order:
 
 from __future__ import annotations
 
+import importlib
 import os
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
@@ -81,27 +82,40 @@ def resolve_file(
     return _hub_download(name_or_path, filename, subfolder, cache_dir, local_files_only, required)
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """OSError, plus the transport errors of the HTTP client huggingface_hub uses (httpx's are not OSErrors)."""
+    errors = [OSError]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 def _hub_download(repo_id, filename, subfolder, cache_dir, local_files_only, required):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = bool(local_files_only) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     where = f"{repo_id}/{subfolder + '/' if subfolder else ''}{filename}"
+    not_local = f"There is no local folder {repo_id!r}, so it was looked up as a hub repo id. "
     try:
         return hf_hub_download(repo_id, filename, subfolder=subfolder, cache_dir=cache_dir,
                                local_files_only=offline)
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base class
+        if not required and offline:
+            return None
+        reason = ("working offline (HF_HUB_OFFLINE or local_files_only) and the file is not in the cache"
+                  if offline else "the hub could not be reached and the file is not in the cache")
+        raise OSError(f"{not_local}Could not get {where}: {reason}. {OFFLINE_HELP}") from e
     except EntryNotFoundError:
         if not required:
             return None
         raise FileNotFoundError(f"The hub repo {repo_id} has no file {where}. Check subfolder= and the repo id.")
     except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"The hub has no repo {repo_id!r} (or it is private). Check the id.") from e
-    except LocalEntryNotFoundError as e:
-        if not required and offline:
-            return None
-        reason = ("working offline (HF_HUB_OFFLINE or local_files_only) and the file is not in the cache"
-                  if offline else "the hub could not be reached")
-        raise OSError(f"Could not get {where}: {reason}. {OFFLINE_HELP}") from e
-    except OSError as e:  # connection errors, timeouts
-        raise OSError(f"Could not get {where}: the hub could not be reached ({type(e).__name__}). "
+        raise FileNotFoundError(f"{not_local}The hub has no repo {repo_id!r} (or it is private). "
+                                "Check the id or the path.") from e
+    except _network_errors() as e:  # connection errors, timeouts
+        raise OSError(f"{not_local}Could not get {where}: the hub could not be reached ({type(e).__name__}: {e}). "
                       f"{OFFLINE_HELP}") from e
