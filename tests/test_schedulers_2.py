@@ -184,6 +184,18 @@ def test_from_another_schedulers_config(name, source):
     check_parity(name, config, 12)
 
 
+@pytest.mark.parametrize("source", ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("name", PAIRS)
+def test_swapped_in_for_a_pipelines_scheduler(name, source):
+    # minidiff's `from_config(pipe.scheduler.config)` equals diffusers' with the same swap.
+    ours_source = getattr(minidiff.schedulers, source).from_config(SD_PNDM_CONFIG)
+    theirs_source = getattr(diffusers, source).from_config(SD_PNDM_CONFIG)
+    ours = PAIRS[name][0].from_config(ours_source.config)
+    theirs = PAIRS[name][1].from_config(theirs_source.config)
+    assert_same_schedule(ours, theirs, 20)
+    assert compare_sampling(ours, theirs, 20)["final"] < TOL
+
+
 def test_from_a_minidiff_schedulers_config():
     dpm = DPMSolverMultistepScheduler.from_config(SD_PNDM_CONFIG, use_karras_sigmas=True)
     unipc = UniPCMultistepScheduler.from_config(dpm.config)

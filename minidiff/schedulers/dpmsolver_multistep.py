@@ -26,7 +26,6 @@ The schedule helpers at the top (timesteps, Karras sigmas, σ <-> t) are shared 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .base import SchedulerBase, SchedulerOutput
+from .base import SchedulerBase, SchedulerOutput, given_values
 
 
 # --- the inference schedule, shared with unipc_multistep.py -------------------------------------------
@@ -184,15 +183,12 @@ class DPMSolverMultistepScheduler(SchedulerBase):
     def from_config(cls, config, **overrides):
         """As SchedulerBase.from_config. A UniPC or DEIS config names its own solver; read it as diffusers
         does (the pipelines swap schedulers with `from_config(pipe.scheduler.config)`)."""
-        if dataclasses.is_dataclass(config):
-            config = dataclasses.asdict(config)
-        if isinstance(config, dict):
-            config = dict(config)
-            if config.get("solver_type") in ("logrho", "bh1", "bh2"):
-                config["solver_type"] = "midpoint"
-            if config.get("algorithm_type") == "deis":
-                config["algorithm_type"] = "dpmsolver++"
-        return super().from_config(config, **overrides)
+        values = given_values(config)
+        if values.get("solver_type") in ("logrho", "bh1", "bh2"):
+            values["solver_type"] = "midpoint"
+        if values.get("algorithm_type") == "deis":
+            values["algorithm_type"] = "dpmsolver++"
+        return super().from_config(values, **overrides)
 
     def setup(self) -> None:
         super().setup()

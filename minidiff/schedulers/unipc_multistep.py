@@ -31,14 +31,13 @@ order O(h): "bh1" B(h) = hh, "bh2" B(h) = e^{hh} - 1 (recommended for guided sam
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from .base import SchedulerBase, SchedulerOutput
+from .base import SchedulerBase, SchedulerOutput, given_values
 from .dpmsolver_multistep import (add_noise_at_schedule, alpha_sigma_from, check_distinct_noise_levels, karras_sigmas,
                                   multistep_timesteps, next_step_index, sigma_to_t)
 
@@ -114,13 +113,10 @@ class UniPCMultistepScheduler(SchedulerBase):
     def from_config(cls, config, **overrides):
         """As SchedulerBase.from_config. A DPM-Solver or DEIS config names its own solver type; read it as
         diffusers does (the tutorials build UniPC from `pipe.scheduler.config`)."""
-        if dataclasses.is_dataclass(config):
-            config = dataclasses.asdict(config)
-        if isinstance(config, dict):
-            config = dict(config)
-            if config.get("solver_type") in ("midpoint", "heun", "logrho"):
-                config["solver_type"] = "bh2"
-        return super().from_config(config, **overrides)
+        values = given_values(config)
+        if values.get("solver_type") in ("midpoint", "heun", "logrho"):
+            values["solver_type"] = "bh2"
+        return super().from_config(values, **overrides)
 
     def setup(self) -> None:
         super().setup()
