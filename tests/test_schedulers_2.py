@@ -138,6 +138,19 @@ def test_cosine_schedule_with_karras_sigmas(name):
     assert torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("name, option", [
+    ("dpm", {}), ("dpm", {"lower_order_final": False}), ("unipc", {}),
+    ("unipc", {"lower_order_final": False}),   # diffusers: NaN (an order-2 step to λ = ∞)
+    ("unipc", {"solver_type": "bh1"}),         # diffusers: NaN (B(h) = -∞ times a zero correction)
+])
+def test_last_step_to_zero_noise_is_first_order(name, option):
+    # Landing on σ = 0 (α = 1, λ = ∞), the only defined update is the first-order one, x = x_θ.
+    scheduler = PAIRS[name][0].from_config(SD_PNDM_CONFIG, **option)
+    final, x0_preds = sample_loop(scheduler, 20)
+    assert torch.isfinite(final).all()
+    assert rel_err(final, x0_preds[-1]) < 1e-6
+
+
 def test_dpm_learned_variance_channels_are_dropped():
     def model_with_variance(x, t):       # (B, 2C, H, W): ε, then variance values the solver ignores
         eps = fake_model(x, t)
