@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 from .unet_2d import UNet2DConfig, UNet2DModel, UNet2DOutput
 from .vae import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
 
+from .unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel, UNet2DConditionOutput
+
 from .schedulers.ddim import DDIMScheduler
 from .schedulers.ddpm import DDPMScheduler
 from .schedulers.euler import EulerDiscreteScheduler

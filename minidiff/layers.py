@@ -102,7 +102,16 @@ class Attention(nn.Module):
     softmax(Q K^T / sqrt(d)) V, per head (Vaswani et al. 2017, eq. 1). With `norm_groups` set this is the
     attention block of the DDPM UNet and the VAE: it takes a feature map (B, C, H, W), GroupNorms it,
     attends over the H*W positions and adds the input back (a residual inside the block).
+
+    Attention maps: set `store_attention_probs = True` on a layer (e.g. every cross-attention layer of
+    the Stable Diffusion UNet, see `UNet2DConditionModel.cross_attention_layers()`) and each call then
+    computes softmax(Q K^T / sqrt(d)) explicitly, uses it for the output, and keeps it on
+    `self.attention_probs`, shape (B, heads, N, M), still attached to the autograd graph so a loss on the
+    maps can be differentiated. When False (the default) the fused `F.scaled_dot_product_attention` runs.
     """
+
+    store_attention_probs: bool = False   # the visible switch described above; set per layer
+    attention_probs: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -143,7 +152,13 @@ class Attention(nn.Module):
         d = q.shape[-1] // self.heads
         # (B, N, heads*d) -> (B, heads, N, d)
         q, k, v = (t.view(B, -1, self.heads, d).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)                       # (B, heads, N, d)
+        if self.store_attention_probs:
+            # The slow, explicit path (Vaswani et al. 2017, eq. 1), in float32 so fp16 scores cannot overflow.
+            scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, M)
+            self.attention_probs = scores.softmax(dim=-1)                   # (B, heads, N, M), rows sum to 1
+            out = self.attention_probs.to(v.dtype) @ v                      # (B, heads, N, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)                   # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(B, N, self.heads * d)             # (B, heads, N, d) -> (B, N, heads*d)
         return self.to_out[1](self.to_out[0](out))
 
