@@ -116,7 +116,8 @@ class EulerDiscreteScheduler(SchedulerBase):
         self.sigmas = sigmas
         self.step_index = None
         self.begin_index = None
-        # x_T ~ N(0, σ_max² + 1) for "leading", whose first σ is below σ_max; diffusers' formula otherwise σ_max.
+        # std of the starting noise, diffusers' formula (kept so that equal seeds give equal images):
+        # σ_max, but sqrt(σ_max² + 1) with "leading" spacing
         sigma_max = self.sigmas.max()
         if self.config.timestep_spacing in ("linspace", "trailing"):
             self.init_noise_sigma = sigma_max

@@ -121,7 +121,7 @@ class PNDMScheduler(SchedulerBase):
             self.prk_outputs = []
         self.prk_outputs.append(model_output)
 
-        # 2. the trial step with this stage's ε, or at stage 4 the full step with the RK4 combination
+        # 2. the trial step with this stage's ε, or at the last stage the full step with the RK4 combination
         if stage < 3:
             eps = model_output
         else:
