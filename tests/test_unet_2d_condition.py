@@ -7,7 +7,8 @@ import torch
 from diffusers import UNet2DConditionModel as RefUNet
 
 from helpers import randomize_, rel_err
-from minidiff import UNet2DConditionModel
+from minidiff import UNet2DConditionConfig, UNet2DConditionModel
+from minidiff.config import config_from_dict
 from minidiff.layers import Attention
 
 SMALL = dict(  # 2 blocks, one int for the heads, 1x1-conv projections
@@ -229,10 +230,7 @@ def test_real_sd_v1_4_config(reference_dir):
 
 def test_real_sd_v1_4_config_parses(reference_dir):
     raw = json.loads((reference_dir / "stable-diffusion-v1-4" / "unet" / "config.json").read_text())
-    config = UNet2DConditionModel.config_class
-    from minidiff.config import config_from_dict
-
-    cfg = config_from_dict(config, raw, strict=True, source="sd-v1-4/unet/config.json")
+    cfg = config_from_dict(UNet2DConditionConfig, raw, strict=True, source="sd-v1-4/unet/config.json")
     assert cfg.attention_head_dim == 8 and cfg.cross_attention_dim == 768
     assert cfg.block_out_channels == (320, 640, 1280, 1280)
 
