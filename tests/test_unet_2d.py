@@ -52,10 +52,8 @@ def make_reference(config: dict, seed: int = 0) -> diffusers.UNet2DModel:
     return randomize_(diffusers.UNet2DModel(**config), seed=seed).eval()
 
 
-def save_with_legacy_names(folder, name="diffusion_pytorch_model.safetensors"):
-    """Rewrite a saved checkpoint with the pre-2023 attention names (to_q -> query, ...)."""
-    path = folder / name
-    state = load_file(str(path))
+def legacy_names(state: dict) -> dict:
+    """The pre-2023 attention names (to_q -> query, to_out.0 -> proj_attn, ...) of a state dict."""
     legacy = {}
     for key, value in state.items():
         if ".attentions." in key:
@@ -63,6 +61,13 @@ def save_with_legacy_names(folder, name="diffusion_pytorch_model.safetensors"):
                 key = key.replace(new, old)
         legacy[key] = value
     assert legacy.keys() != state.keys(), "the model has no attention weights to rename"
+    return legacy
+
+
+def save_with_legacy_names(folder, name="diffusion_pytorch_model.safetensors"):
+    """Rewrite a saved checkpoint with the pre-2023 attention names (to_q -> query, ...)."""
+    path = folder / name
+    legacy = legacy_names(load_file(str(path)))
     save_file(legacy, str(path), metadata={"format": "pt"})
     return legacy
 
@@ -224,8 +229,7 @@ def test_real_ddpm_cat_256_config_in_hub_layout(reference_dir, tmp_path):
     # the hub layout: config.json, scheduler_config.json and the weights at the repo root, old names
     shutil.copy(src / "config.json", tmp_path / "config.json")
     shutil.copy(src / "scheduler_config.json", tmp_path / "scheduler_config.json")
-    save_file(ref.state_dict(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    save_with_legacy_names(tmp_path)
+    save_file(legacy_names(ref.state_dict()), str(tmp_path / "diffusion_pytorch_model.safetensors"))
 
     model = minidiff.UNet2DModel.from_pretrained(tmp_path)
     assert model.config.block_out_channels == (128, 128, 256, 256, 512, 512)

@@ -46,10 +46,8 @@ def images_for(config, batch=2, size=16):
     return torch.randn(batch, config.get("in_channels", 3), size, size)
 
 
-def save_with_legacy_names(folder, name="diffusion_pytorch_model.safetensors"):
-    """Rewrite a saved checkpoint with the pre-2023 attention names (to_q -> query, ...), as SD v1's VAE."""
-    path = folder / name
-    state = load_file(str(path))
+def legacy_names(state: dict) -> dict:
+    """The pre-2023 attention names (to_q -> query, to_out.0 -> proj_attn, ...) of a state dict."""
     legacy = {}
     for key, value in state.items():
         if ".attentions." in key:
@@ -57,6 +55,13 @@ def save_with_legacy_names(folder, name="diffusion_pytorch_model.safetensors"):
                 key = key.replace(new, old)
         legacy[key] = value
     assert legacy.keys() != state.keys(), "the model has no attention weights to rename"
+    return legacy
+
+
+def save_with_legacy_names(folder, name="diffusion_pytorch_model.safetensors"):
+    """Rewrite a saved checkpoint with the pre-2023 attention names (to_q -> query, ...), as SD v1's VAE."""
+    path = folder / name
+    legacy = legacy_names(load_file(str(path)))
     save_file(legacy, str(path), metadata={"format": "pt"})
     return legacy
 
@@ -222,8 +227,7 @@ def test_real_sd_v1_4_vae_config_in_hub_layout(reference_dir, tmp_path):
     (tmp_path / "vae").mkdir()
     shutil.copy(src / "model_index.json", tmp_path / "model_index.json")
     shutil.copy(src / "vae" / "config.json", tmp_path / "vae" / "config.json")
-    save_file(ref.state_dict(), str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
-    save_with_legacy_names(tmp_path / "vae")
+    save_file(legacy_names(ref.state_dict()), str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
 
     model = minidiff.AutoencoderKL.from_pretrained(tmp_path, subfolder="vae")
     assert model.config.block_out_channels == (128, 256, 512, 512)
