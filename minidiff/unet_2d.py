@@ -99,6 +99,9 @@ class UNet2DConfig:
             if unknown:
                 raise ValueError(f"{source}: {name} does not implement the block type(s) {unknown} in {key}; "
                                  f"minidiff supports {list(known)}.")
+        if not isinstance(self.norm_num_groups, int) or self.norm_num_groups < 1:
+            raise ValueError(f"{source}: expected norm_num_groups to be a positive integer, found "
+                             f"{self.norm_num_groups!r}.")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups != 0]
         if bad:
             raise ValueError(f"{source}: block_out_channels {list(bad)} are not divisible by "

@@ -177,6 +177,7 @@ UNSUPPORTED_UNET = [
     (dict(up_block_types=["UpBlock2D"]), r"as many down_block_types and up_block_types as block_out_channels \(2\), "
                                          r"found 2 and 1"),
     (dict(norm_num_groups=3), r"block_out_channels \[8, 16\] are not divisible by norm_num_groups=3"),
+    (dict(norm_num_groups=None), r"expected norm_num_groups to be a positive integer, found None"),
     (dict(attention_head_dim=32), r"attention_head_dim=32 is wider than the \[16\] channels"),
     (dict(cross_attention_dim=768), r"does not implement the config key\(s\) \['cross_attention_dim'\]"),
 ]
@@ -197,6 +198,8 @@ UNSUPPORTED_VAE = [
     (dict(use_quant_conv=False), r"use_quant_conv=False \(minidiff supports \[True\]\)"),
     (dict(use_post_quant_conv=False), r"use_post_quant_conv=False"),
     (dict(mid_block_add_attention=False), r"mid_block_add_attention=False"),
+    (dict(up_block_types=["UpDecoderBlock2D"]), r"as many down_block_types and up_block_types"),
+    (dict(norm_num_groups=16), r"block_out_channels \[8\] are not divisible by norm_num_groups=16"),
     (dict(down_block_types=["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]),
      r"block type\(s\) \['AttnDownEncoderBlock2D'\] in down_block_types; minidiff supports \['DownEncoderBlock2D'\]"),
 ]
