@@ -17,3 +17,6 @@ from .schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from .schedulers.pndm import PNDMScheduler
 from .schedulers.dpmsolver_multistep import DPMSolverMultistepScheduler
 from .schedulers.unipc_multistep import UniPCMultistepScheduler
+
+from .pipelines import (DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, Intermediates,
+                        StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)

@@ -1,0 +1,58 @@
+"""Unconditional image generation in pixel space (DDPM, Ho et al. 2020, https://arxiv.org/abs/2006.11239).
+
+1. draw x_T ~ N(0, I): (B, 3, H, W), H = W = unet.config.sample_size
+2. for each t: ε = UNet(x_t, t); x_{t-1} = scheduler.step(ε, t, x_t)     (Algorithm 2 with DDPMScheduler)
+3. map x_0 from [-1, 1] to [0, 1]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils import randn_tensor
+from .base import DiffusionPipeline, ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
+
+
+class DDPMPipeline(DiffusionPipeline):
+    """Noise -> image with a `UNet2DModel` (e.g. google/ddpm-cat-256). `pipe().images[0]`."""
+
+    component_names = ("unet", "scheduler")
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        callback=None,
+        return_intermediates: bool = False,
+    ) -> ImagePipelineOutput:
+        """`generator`: one torch.Generator or one per image. `callback(i, t, x_t, x0)` runs after every step i."""
+        check_output_type(output_type, ("pil", "np", "pt"))
+        check_generator(generator, batch_size)
+        self.warn_if_slow()
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+
+        # 1. x_T ~ N(0, I): (B, C, H, W). (init_noise_sigma is 1 except for Euler-type schedulers.)
+        shape = (batch_size, self.unet.config.in_channels, height, width)
+        image = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        image = image * self.scheduler.init_noise_sigma
+
+        # 2. The denoising loop, x_T -> x_0.
+        self.scheduler.set_timesteps(num_inference_steps)
+        intermediates = Intermediates(initial_latents=image.clone()) if return_intermediates else None
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            eps = self.unet(self.scheduler.scale_model_input(image, t), t).sample   # ε_θ(x_t, t): (B, C, H, W)
+            out = self.scheduler.step(eps, t, image, generator=generator)
+            self.record_step(i, t, image, eps, out, callback, intermediates)
+            image = out.prev_sample
+
+        # 3. [-1, 1] -> [0, 1] -> PIL / numpy / tensor.
+        return ImagePipelineOutput(images=postprocess(image, output_type), intermediates=intermediates)
