@@ -99,6 +99,8 @@ def next_step_index(scheduler, timestep) -> int:
     if i >= n:
         raise RuntimeError(f"All {n} steps of the schedule were taken. Call set_timesteps(...) again to start a "
                            "new sampling loop.")
+    if scheduler.timesteps.device.type != "cpu" or (isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"):
+        return i  # checked on the CPU only: reading a GPU value (.item()) would wait for the GPU at every step
     t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
     expected = scheduler.timesteps[i].item()
     if t != expected:

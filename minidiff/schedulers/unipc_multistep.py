@@ -160,6 +160,9 @@ class UniPCMultistepScheduler(SchedulerBase):
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))   # (n + 1,)
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)            # (n,)
         check_distinct_noise_levels(self.sigmas, self.timesteps, c.timestep_spacing)
+        # On the timesteps' device, so that step()'s scalar arithmetic runs there: a copy from the CPU to the
+        # GPU at every step would wait for the GPU to finish its queue (a sync) each time.
+        self.sigmas = self.sigmas.to(device)
         self.reset_history()
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
@@ -220,7 +223,7 @@ class UniPCMultistepScheduler(SchedulerBase):
             if order == 2:
                 rhos_p = torch.ones(1, dtype=sample.dtype, device=device) * 0.5   # UniP-2: ρ = 1/2, as the authors use
             else:
-                rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1]).to(device).to(sample.dtype)
+                rhos_p = torch.linalg.solve_ex(R[:-1, :-1], b[:-1]).result.to(device).to(sample.dtype)
             pred_res = torch.einsum("k,bkc...->bc...", rhos_p, D1s)              # Σ_k ρ_k D_k: (B, C, H, W)
             x_t = x_t - alpha_t * B_h * pred_res
         return x_t.to(sample.dtype)
@@ -242,7 +245,9 @@ class UniPCMultistepScheduler(SchedulerBase):
         if order == 1:
             rhos_c = torch.ones(1, dtype=last_sample.dtype, device=device) * 0.5   # UniC-1: ρ = 1/2
         else:
-            rhos_c = torch.linalg.solve(R, b).to(device).to(last_sample.dtype)
+            # solve_ex: R cannot be singular (the noise levels are distinct, see set_timesteps), and skipping
+            # solve's check skips reading its result back from the GPU (a sync) at every step
+            rhos_c = torch.linalg.solve_ex(R, b).result.to(device).to(last_sample.dtype)
 
         x_t = sigma_t / sigma_s0 * last_sample - alpha_t * h_phi_1 * m0
         corr_res = torch.einsum("k,bkc...->bc...", rhos_c[:-1], D1s) if D1s is not None else 0   # (B, C, H, W)
