@@ -93,6 +93,9 @@ def generate(args) -> list[str]:
     # the image made alone with seed + i.
     generator = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     if isinstance(pipe, DDPMPipeline):
+        if args.image is not None:
+            raise ValueError(f"--image needs a Stable Diffusion model; {args.model} is a DDPMPipeline (no VAE "
+                             "to encode the image). Drop --image or pass a Stable Diffusion --model.")
         out = pipe(batch_size=args.num_images, generator=generator, num_inference_steps=args.steps,
                    return_intermediates=True)
     else:

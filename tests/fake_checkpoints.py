@@ -24,7 +24,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from helpers import randomize_

@@ -75,10 +75,12 @@ def test_several_images_img2img_and_ddpm(folders, tmp_path):
     assert gif_frames(out / "latents.gif") == 3
 
 
-def test_errors_are_one_line(tmp_path, capsys):
+def test_errors_are_one_line(folders, tmp_path, capsys):
     assert run("--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert err.startswith("minidiff: error:") and "neither an existing folder" in err
+    assert run("--model", str(folders["ddpm"]), "--image", "x.png", "--out", str(tmp_path / "o")) == 2
+    assert "--image needs a Stable Diffusion model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--scheduler", "lms"])
 
