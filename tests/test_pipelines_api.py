@@ -185,6 +185,27 @@ def test_half_precision_runs_on_cpu(folders, sd, dtype):
 
 
 # --- loading ------------------------------------------------------------------------------------------
+def test_fake_folders_have_the_hub_layout(folders):
+    from safetensors import safe_open
+
+    sd, ddpm = folders["sd"], folders["ddpm"]
+    index = json.loads((sd / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    for path in ["unet/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+                 "feature_extractor/preprocessor_config.json"]:
+        assert (sd / path).is_file(), path
+    assert sorted(os.listdir(ddpm)) == ["config.json", "diffusion_pytorch_model.safetensors", "model_index.json",
+                                        "scheduler_config.json"]
+    # Pre-2023 attention names, as in the real VAE and ddpm-cat-256 files.
+    for path in (sd / "vae" / "diffusion_pytorch_model.safetensors", ddpm / "diffusion_pytorch_model.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+        assert any(".attentions.0.query.weight" in k for k in keys)
+        assert any(".attentions.0.proj_attn.bias" in k for k in keys)
+        assert not any(".to_q." in k for k in keys)
+
+
 def test_from_pretrained_picks_the_class(folders):
     with pytest.warns(UserWarning, match="minidiff does not load them"):
         pipe = minidiff.DiffusionPipeline.from_pretrained(folders["sd"])
