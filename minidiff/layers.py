@@ -112,6 +112,7 @@ class Attention(nn.Module):
 
     store_attention_probs: bool = False   # the visible switch described above; set per layer
     attention_probs: torch.Tensor | None = None
+    fused: bool = False                   # fast path: see fuse_projections()
 
     def __init__(
         self,
@@ -144,11 +145,46 @@ class Attention(nn.Module):
             return (h + x) / self.rescale_output_factor
         return self.attend(x, context)
 
+    def fuse_projections(self) -> None:
+        """Fast path: q, k, v from one matmul (self-attention) and k, v from one (cross-attention) instead of
+        three or two. The fused weights are concatenated copies of to_q / to_k / to_v, kept as buffers outside
+        the state dict (the checkpoint keys stay the same); they are not updated if those weights change, so
+        fuse for inference only and call `unfuse_projections()` before training or loading weights."""
+        q, k, v = self.to_q, self.to_k, self.to_v
+        with torch.no_grad():
+            if q.in_features == k.in_features:  # all three can read x: fuse q, k, v; k, v is the lower part
+                weight = torch.cat([q.weight, k.weight, v.weight])                  # (3*heads*d, query_dim)
+                bias = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
+                self.register_buffer("fused_qkv_weight", weight, persistent=False)
+                self.register_buffer("fused_qkv_bias", bias, persistent=False)
+                n = q.out_features
+                kv_weight, kv_bias = weight[n:], (bias[n:] if bias is not None else None)  # views: no copy
+            else:
+                kv_weight = torch.cat([k.weight, v.weight])                         # (2*heads*d, context_dim)
+                kv_bias = torch.cat([k.bias, v.bias]) if k.bias is not None else None
+            self.register_buffer("fused_kv_weight", kv_weight, persistent=False)
+            self.register_buffer("fused_kv_bias", kv_bias, persistent=False)
+        self.fused = True
+
+    def unfuse_projections(self) -> None:
+        for name in ("fused_qkv_weight", "fused_qkv_bias", "fused_kv_weight", "fused_kv_bias"):
+            if name in self._buffers:
+                delattr(self, name)
+        self.fused = False
+
     def attend(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, query_dim), context (B, M, context_dim) or None for self-attention -> (B, N, query_dim)."""
-        context = x if context is None else context
         B, N, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)     # (B, N|M, heads*d)
+        if self.fused and context is None and "fused_qkv_weight" in self._buffers:
+            qkv = F.linear(x, self.fused_qkv_weight, self.fused_qkv_bias)     # (B, N, 3*heads*d)
+            q, k, v = qkv.chunk(3, dim=-1)                                  # 3 x (B, N, heads*d)
+        elif self.fused:
+            context = x if context is None else context
+            q = self.to_q(x)                                                # (B, N, heads*d)
+            k, v = F.linear(context, self.fused_kv_weight, self.fused_kv_bias).chunk(2, dim=-1)  # 2 x (B, M, heads*d)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|M, heads*d)
         d = q.shape[-1] // self.heads
         # (B, N, heads*d) -> (B, heads, N, d)
         q, k, v = (t.view(B, -1, self.heads, d).transpose(1, 2) for t in (q, k, v))

@@ -236,6 +236,15 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))   # (B, C_img, H, W)
 
 
+def _blend_into(a: torch.Tensor, b: torch.Tensor, n: int, dim: int) -> None:
+    """Cross-fade the first n rows (dim=2) or columns (dim=3) of tile b from a's last n: weight y/n on b."""
+    n = min(a.shape[dim], b.shape[dim], n)
+    w = torch.arange(n, device=b.device, dtype=torch.float64) / n            # 0, 1/n, ..., (n-1)/n
+    w = w.view(-1, 1) if dim == 2 else w.view(1, -1)                         # along H or along W
+    head, tail = b.narrow(dim, 0, n), a.narrow(dim, a.shape[dim] - n, n)
+    head.copy_(tail * (1 - w).to(b.dtype) + head * w.to(b.dtype))
+
+
 class AutoencoderKL(PretrainedModel):
     """The Stable Diffusion VAE: `encode(x).latent_dist` and `decode(z).sample`.
 
@@ -254,6 +263,13 @@ class AutoencoderKL(PretrainedModel):
         self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1)
         self.post_quant_conv = nn.Conv2d(L, L, 1)
         self.use_slicing = False
+        # Tiling (enable_tiling): tiles of the config's sample_size (512 pixels = 64 latents for SD), a quarter
+        # overlapping its neighbours, as diffusers does.
+        self.use_tiling = False
+        sample_size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        self.tile_sample_size = sample_size
+        self.tile_latent_size = sample_size // 2 ** (len(config.block_out_channels) - 1)
+        self.tile_overlap = 0.25
 
     def enable_slicing(self) -> None:
         """Encode and decode one image of a batch at a time: less peak memory for large batches, same result."""
@@ -261,6 +277,49 @@ class AutoencoderKL(PretrainedModel):
 
     def disable_slicing(self) -> None:
         self.use_slicing = False
+
+    def enable_tiling(self) -> None:
+        """Encode and decode images larger than one tile (512x512 for SD) in overlapping tiles, blended at the
+        seams: the memory of one tile for any image size. Not identical to the plain result (each tile sees
+        only its own neighbourhood); equal to diffusers' tiling."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 2L, H/8, W/8) moments; in tiles when tiling is on and x is larger than a tile."""
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_size:
+            return self._tiled(x, lambda tile: self.quant_conv(self.encoder(tile)),
+                               self.tile_sample_size, self.tile_latent_size)
+        return self.quant_conv(self.encoder(x))
+
+    def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, L, h, w) -> (B, C, 8h, 8w) images; in tiles when tiling is on and z is larger than a tile."""
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_size:
+            return self._tiled(z, lambda tile: self.decoder(self.post_quant_conv(tile)),
+                               self.tile_latent_size, self.tile_sample_size)
+        return self.decoder(self.post_quant_conv(z))
+
+    def _tiled(self, x: torch.Tensor, run, tile_in: int, tile_out: int) -> torch.Tensor:
+        """`run` on tiles of x, tile_in wide and 3/4 of a tile apart; each output tile (tile_out wide) is
+        blended into its upper and left neighbours over a quarter tile, then cut to 3/4 and the pieces joined."""
+        stride = int(tile_in * (1 - self.tile_overlap))              # SD decode: 48 latents
+        blend = int(tile_out * self.tile_overlap)                    # SD decode: 128 pixels
+        keep = tile_out - blend                                      # SD decode: 384 pixels
+        H, W = x.shape[-2:]
+        rows = [[run(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, W, stride)]
+                for i in range(0, H, stride)]
+        joined_rows = []
+        for i, row in enumerate(rows):
+            for j, tile in enumerate(row):
+                # In place, as diffusers does: a tile blended here is read blended by the tiles after it.
+                if i > 0:
+                    _blend_into(rows[i - 1][j], tile, blend, dim=2)   # top edge <- the tile above
+                if j > 0:
+                    _blend_into(row[j - 1], tile, blend, dim=3)       # left edge <- the tile on the left
+            joined_rows.append(torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3))
+        return torch.cat(joined_rows, dim=2)                         # (B, C, ~H*tile_out/tile_in, ...)
 
     def _check_input(self, x: torch.Tensor, channels: int, what: str) -> None:
         if x.ndim != 4 or x.shape[1] != channels:
@@ -270,18 +329,18 @@ class AutoencoderKL(PretrainedModel):
         """Images (B, C, H, W), roughly in [-1, 1] -> AutoencoderKLOutput(latent_dist=q(z | x))."""
         self._check_input(x, self.config.in_channels, "images")
         if self.use_slicing and x.shape[0] > 1:
-            moments = torch.cat([self.quant_conv(self.encoder(x_i)) for x_i in x.split(1)])
+            moments = torch.cat([self._encode_one(x_i) for x_i in x.split(1)])
         else:
-            moments = self.quant_conv(self.encoder(x))               # (B, 2L, h, w)
+            moments = self._encode_one(x)                            # (B, 2L, h, w)
         return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(moments))
 
     def decode(self, z: torch.Tensor) -> DecoderOutput:
         """Latents (B, L, h, w), unscaled (divide by scaling_factor first) -> DecoderOutput(sample=images)."""
         self._check_input(z, self.config.latent_channels, "latents")
         if self.use_slicing and z.shape[0] > 1:
-            images = torch.cat([self.decoder(self.post_quant_conv(z_i)) for z_i in z.split(1)])
+            images = torch.cat([self._decode_one(z_i) for z_i in z.split(1)])
         else:
-            images = self.decoder(self.post_quant_conv(z))            # (B, C, H, W)
+            images = self._decode_one(z)                              # (B, C, H, W)
         return DecoderOutput(sample=images)
 
     def forward(self, sample: torch.Tensor, sample_posterior: bool = False,

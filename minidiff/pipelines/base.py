@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .. import schedulers
 from ..config import read_json
 from ..hub import OFFLINE_HELP, bundled_path, resolve_file
+from ..layers import Attention
 from ..unet_2d import UNet2DModel
 from ..unet_2d_condition import UNet2DConditionModel
 from ..vae import AutoencoderKL
@@ -161,6 +162,7 @@ class DiffusionPipeline:
 
     def __init__(self):
         self._progress_bar_config = {}
+        self._offload_device = None   # set by enable_model_cpu_offload()
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -261,6 +263,9 @@ class DiffusionPipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where the sampling runs: the UNet's device, or the GPU of enable_model_cpu_offload()."""
+        if getattr(self, "_offload_device", None) is not None:
+            return self._offload_device
         return self.unet.device
 
     @property
@@ -281,6 +286,91 @@ class DiffusionPipeline:
 
     def progress_bar(self, iterable):
         return tqdm(iterable, **self._progress_bar_config)
+
+    # --- fast paths (issue 7): each is one switch; the sampling code above and below stays the same --------
+    def compile_unet(self, mode: str = "reduce-overhead", fullgraph: bool = True, **options) -> None:
+        """`torch.compile` the UNet's forward (Inductor kernels; with mode="reduce-overhead" also CUDA graphs,
+        which replay a whole UNet step as one launch). The first call compiles (one to two minutes for SD's
+        UNet on a GPU) and a new image size or batch size compiles again. The UNet's code and keys do not change."""
+        self.unet.compile(mode=mode, fullgraph=fullgraph, **options)
+
+    def enable_channels_last(self) -> None:
+        """The UNet's weights, and so its activations, in channels-last (NHWC) memory layout, the layout of
+        cuDNN's fastest convolution kernels on tensor cores. Same results up to rounding."""
+        self.unet.to(memory_format=torch.channels_last)
+
+    def fuse_qkv_projections(self) -> None:
+        """In every attention layer, one matmul for q, k, v (self-attention) and one for k, v (cross-attention);
+        see `Attention.fuse_projections`. For inference: undo with `unfuse_qkv_projections()` before training."""
+        for model in self.models():
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.fuse_projections()
+
+    def unfuse_qkv_projections(self) -> None:
+        for model in self.models():
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.unfuse_projections()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode (and encode) the images of a batch one at a time: less memory for large batches, same images."""
+        self._vae("enable_vae_slicing").enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self._vae("disable_vae_slicing").disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) images larger than 512x512 in overlapping tiles: the memory of one tile for
+        any size; the seams are blended (see `AutoencoderKL.enable_tiling`)."""
+        self._vae("enable_vae_tiling").enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self._vae("disable_vae_tiling").disable_tiling()
+
+    def _vae(self, what: str):
+        if not isinstance(getattr(self, "vae", None), AutoencoderKL):
+            raise AttributeError(f"{type(self).__name__} has no VAE: {what}() is for the Stable Diffusion pipelines.")
+        return self.vae
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
+        """Keep the models on the CPU and move each one to `device` only while it runs: the text encoder, then
+        the UNet, then the VAE. The GPU holds one model at a time (SD v1 in fp16: the UNet's 1.7 GB instead of
+        all 2.1 GB, plus activations), for a GPU with little memory; each call copies each model over once."""
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "enable_model_cpu_offload() moves each model to the GPU while it runs, but PyTorch sees no CUDA GPU "
+                "here. On a CPU-only machine leave it off: the models already run on the CPU."
+            )
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())   # "cuda" -> "cuda:0", as parameters report it
+        self.disable_model_cpu_offload()
+        self._offload_device = device
+        self._offload_hooks = []
+        for model in self.models():
+            model.to("cpu")
+            # Before the model runs, and before any of its direct children: the VAE is used through
+            # vae.decode() / vae.encode(), which call its children (post_quant_conv, decoder), never forward().
+            for module in (model, *model.children()):
+                hook = module.register_forward_pre_hook(lambda *_, model=model: self._move_for_offload(model))
+                self._offload_hooks.append(hook)
+
+    def disable_model_cpu_offload(self) -> None:
+        """Remove the offload hooks; the models stay where they are (move them with `.to(...)`)."""
+        for hook in getattr(self, "_offload_hooks", []):
+            hook.remove()
+        self._offload_hooks = []
+        self._offload_device = None
+
+    def _move_for_offload(self, model: torch.nn.Module) -> None:
+        """`model` is about to run: every other model back to the CPU first, then `model` to the GPU."""
+        if next(model.parameters()).device == self._offload_device:
+            return
+        for other in self.models():
+            if other is not model and next(other.parameters()).device != torch.device("cpu"):
+                other.to("cpu")
+        model.to(self._offload_device)
 
     # --- per-step visibility ---------------------------------------------------------------------
     def record_step(self, i, t, sample, model_output, step_output, callback, intermediates) -> None:
