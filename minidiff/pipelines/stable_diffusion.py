@@ -62,9 +62,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
         """
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
-        size = self.unet.config.sample_size * self.vae_scale_factor  # 64 * 8 = 512 for SD v1
-        height = height or size
-        width = width or size
+        size = self.unet.config.sample_size  # in latents: 64 for SD v1, so 64 * 8 = 512 pixels
+        size_h, size_w = (size, size) if isinstance(size, int) else size
+        height = height or size_h * self.vae_scale_factor
+        width = width or size_w * self.vae_scale_factor
         self.check_size(height, width)
         check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
