@@ -476,17 +476,15 @@ class Bench:
         section = f"SD {size}x{size}, {args.sd_steps} UniPC steps, guidance {args.guidance}, {dtype_name}, eager"
         rep = self.report
 
-        # the same picture from both (a sanity check of the set-up, not a parity test)
-        a, b = self.run_sd(ours, latents, size), self.run_sd(theirs, latents, size)
-        rep.add(section, "max pixel difference of the two images", same_image(a, b), unit="0-255")
-
-        if components:
-            self.sd_components(section, ours, theirs, latents, dtype)
-        # peak memory of one call
-        peaks = [peak_memory_gib(self.device, lambda p=p: self.run_sd(p, latents, size), weight_bytes(*sd_models(p)))
-                 for p in (ours, theirs)]
+        # one image from each: the same picture (a sanity check of the set-up, not a parity test), peak memory
+        images = []
+        peaks = [peak_memory_gib(self.device, lambda p=p: images.append(self.run_sd(p, latents, size)),
+                                 weight_bytes(*sd_models(p))) for p in (ours, theirs)]
+        rep.add(section, "max pixel difference of the two images", same_image(*images), unit="0-255")
         if peaks[0] is not None:
             rep.add(section, "peak GPU memory", *peaks, target=1.0, unit="GiB")
+        if components:
+            self.sd_components(section, ours, theirs, latents, dtype)
         calls = {"time per image": (lambda: self.run_sd(ours, latents, size), lambda: self.run_sd(theirs, latents, size))}
         if capture:
             calls["time per image, every step captured"] = (lambda: self.run_sd(ours, latents, size, capture=True),
@@ -561,10 +559,10 @@ class Bench:
             with torch.no_grad():
                 unet_ms = [self.clock.per_call_ms(lambda p=p: p.unet(x, t), self.args.component_calls) for p in (ours, theirs)]
             rep.add(section, "UNet step, batch 1", *unet_ms, unit="ms")
-            a, b = self.run_ddpm(ours, steps), self.run_ddpm(theirs, steps)
-            rep.add(section, "max pixel difference of the two images", same_image(a, b), unit="0-255")
-            peaks = [peak_memory_gib(self.device, lambda p=p: self.run_ddpm(p, steps), weight_bytes(p.unet))
+            images = []
+            peaks = [peak_memory_gib(self.device, lambda p=p: images.append(self.run_ddpm(p, steps)), weight_bytes(p.unet))
                      for p in (ours, theirs)]
+            rep.add(section, "max pixel difference of the two images", same_image(*images), unit="0-255")
             if peaks[0] is not None:
                 rep.add(section, "peak GPU memory", *peaks, target=1.0, unit="GiB")
         calls = {"time per image": (lambda: self.run_ddpm(ours, steps), lambda: self.run_ddpm(theirs, steps))}
@@ -718,8 +716,8 @@ class Bench:
             ("sd", f"SD, {main}", 50 if gpu else 5, lambda: self.section_sd(main, a.repeats, capture=True)),
             ("ddpm", f"DDPM {a.ddpm_steps[0]} steps, {main}", 20 if gpu else 5,
              lambda: self.section_ddpm(main, a.ddpm_steps[0], a.repeats, capture=True)),
+            ("compiled", "SD, UNet compiled", 190 if gpu else 120, self.section_compiled),
             ("switches", "switches", 30 if gpu else 5, self.section_switches),
-            ("compiled", "SD, UNet compiled", 270 if gpu else 120, self.section_compiled),
         ]
         plan += [("sd-dtypes", f"SD, {d}", 40 if gpu else 5,
                   lambda d=d: self.section_sd(d, a.other_repeats, capture=False, components=True)) for d in others]
