@@ -118,8 +118,25 @@ def generate(args) -> list[str]:
     return paths
 
 
+GIF_SIDE = 128  # pixels: an 8x8 latent would be invisible at its own size
+
+
+def channel_panel(latent: torch.Tensor) -> torch.Tensor:
+    """(C, h, w) -> (1, 2h, 2w) for C = 4 (channels 0 1 / 2 3), else (1, h, C*w): one GIF frame."""
+    if latent.shape[0] == 4:
+        rows = [torch.cat([latent[0], latent[1]], dim=-1), torch.cat([latent[2], latent[3]], dim=-1)]
+        return torch.cat(rows, dim=-2)[None]                                  # (1, 2h, 2w)
+    return torch.cat(list(latent), dim=-1)[None]                              # (1, h, C*w)
+
+
+def enlarge(frame: torch.Tensor, side: int) -> torch.Tensor:
+    """(C, H, W) -> nearest-neighbour enlarged so the longer side is at least `side` (pixels stay crisp)."""
+    factor = max(1, side // max(frame.shape[-2:]))
+    return frame.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
 def save_latent_pictures(intermediates, folder: str, pixel_space: bool) -> list[str]:
-    """`latents.png`: the latents of image 0 at up to 8 steps; `latents.gif`: at every step."""
+    """`latents.png`: the latents of image 0 at up to 8 steps; `latents.gif`: at every step, GIF_SIDE pixels."""
     from . import viz
 
     latents = [x[0].float().cpu() for x in intermediates.latents]            # S x (C, h, w), image 0
@@ -127,16 +144,16 @@ def save_latent_pictures(intermediates, folder: str, pixel_space: bool) -> list[
     timesteps = torch.stack([torch.as_tensor(t).cpu() for t in intermediates.timesteps])
     if pixel_space:  # DDPM: the "latents" are images in [-1, 1]
         figure = viz.steps_grid({"x_t": latents, "predicted x0": x0}, timesteps, num_cols=8)
-        frames, value_range, side = latents, (-1, 1), 256
-    else:  # Stable Diffusion: one panel per latent channel, side by side, each stretched to its own range
+        frames, value_range = latents, (-1, 1)
+    else:  # Stable Diffusion: the 4 latent channels as a 2x2 panel, stretched to its min..max
         figure = viz.latent_channels_grid(latents, timesteps, num_rows=8)
-        frames = [torch.cat(list(x), dim=-1)[None] for x in latents]         # (C, h, w) -> (1, h, C*w)
-        value_range, side = None, 128 * latents[0].shape[0]                   # 128 pixels per channel
+        frames, value_range = [channel_panel(x) for x in latents], None
     grid_path, gif_path = os.path.join(folder, "latents.png"), os.path.join(folder, "latents.gif")
     figure.savefig(grid_path)
     viz.plt.close(figure)
+    frames = [enlarge(frame, GIF_SIDE) for frame in frames]
     with open(gif_path, "wb") as f:
-        f.write(viz.make_gif(frames, value_range=value_range, side=side))
+        f.write(viz.make_gif(frames, value_range=value_range))
     return [grid_path, gif_path]
 
 
