@@ -85,13 +85,20 @@ def to_images(images, value_range=(-1, 1)) -> list[np.ndarray]:
     return [_one_image(x, value_range) for x in images]
 
 
-def to_uint8(image: np.ndarray, upscale: int = 1) -> np.ndarray:
-    """A float image in [0, 1] -> uint8 RGB (H*upscale, W*upscale, 3), enlarged with nearest neighbours."""
+def to_uint8(image: np.ndarray, side: int | None = None) -> np.ndarray:
+    """A float image in [0, 1] -> uint8 RGB (H, W, 3), resized so its longer side is `side` pixels.
+
+    Small images are enlarged with nearest neighbours (pixels stay crisp), large ones shrunk smoothly.
+    """
     if image.ndim == 2:
         image = plt.get_cmap("viridis")(image)[..., :3]                     # (H, W) -> (H, W, 3) colour map
     image = (image * 255).round().astype(np.uint8)
-    if upscale > 1:
-        image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    H, W = image.shape[:2]
+    if side is not None and max(H, W) != side:
+        scale = side / max(H, W)
+        size = (max(1, round(W * scale)), max(1, round(H * scale)))         # PIL sizes are (width, height)
+        resample = Image.NEAREST if scale > 1 else Image.LANCZOS
+        image = np.asarray(Image.fromarray(image).resize(size, resample))
     return image
 
 
@@ -222,6 +229,45 @@ def latent_channels_grid(latents, timesteps, num_rows: int = 5, rgb_factors=None
     return fig
 
 
+def heatmap(matrix, title: str = "", xlabel: str = "", ylabel: str = "", cmap: str = "RdBu_r",
+            size: tuple[float, float] = (4.0, 2.2)):
+    """A 2-D tensor as a colour image with a colour bar (e.g. timestep embeddings: rows t, columns features)."""
+    matrix = torch.as_tensor(matrix).detach().float().cpu()
+    if matrix.ndim != 2:
+        raise ValueError(f"heatmap expects a 2-D matrix, found shape {tuple(matrix.shape)}.")
+    fig, ax = plt.subplots(figsize=size, dpi=DPI)
+    shown = ax.imshow(matrix.numpy(), cmap=cmap, aspect="auto", interpolation="nearest")
+    fig.colorbar(shown, ax=ax)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout(pad=0.4)
+    return fig
+
+
+def line_plot(series: dict, xs=None, title: str = "", xlabel: str = "", ylabel: str = "", logy: bool = False,
+              size: tuple[float, float] = (4.0, 2.2), marker: str | None = None, xticklabels=None):
+    """One line per entry of `series` ({"loss": values}); `xticklabels` names the points (e.g. layer names)."""
+    fig, ax = plt.subplots(figsize=size, dpi=DPI)
+    for name, ys in series.items():
+        ys = torch.as_tensor(ys).detach().double().cpu().numpy()
+        x = np.arange(len(ys)) if xs is None else np.asarray(xs)
+        ax.plot(x, ys, label=name, marker=marker, markersize=3)
+    if logy:
+        ax.set_yscale("log")
+    if xticklabels is not None:
+        ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=90, fontsize=6)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout(pad=0.4)
+    return fig
+
+
 # --- a cheap look at latents: a linear map 4 -> 3 ---------------------------------------------------------
 
 def latents_to_rgb(latents: torch.Tensor, factors=SD_V1_LATENT_RGB, bias=None) -> torch.Tensor:
@@ -255,6 +301,21 @@ def fit_latent_rgb(latents: torch.Tensor, images: torch.Tensor) -> tuple[torch.T
     Y = small.permute(0, 2, 3, 1).reshape(-1, 3)                                     # (N*h*w, 3)
     solution = torch.linalg.lstsq(X.double(), Y.double()).solution.float()           # (C+1, 3)
     return solution[:C], solution[C]
+
+
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's colour photos, offline
+
+
+@torch.no_grad()
+def fit_latent_rgb_to_vae(vae, size: int | None = None, photos=SAMPLE_PHOTOS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear preview for any VAE: encode scikit-image's sample photos, scale, and `fit_latent_rgb`.
+
+    `size`: the photos' side in pixels (default: the VAE's `sample_size`). Returns factors (C, 3), bias (3,).
+    """
+    size = size or vae.config.sample_size
+    images = torch.cat([sample_photo(name, size) for name in photos])                # (N, 3, size, size)
+    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()        # (N, C, size/8, size/8)
+    return fit_latent_rgb(latents * vae.config.scaling_factor, images)
 
 
 # --- noise schedules ------------------------------------------------------------------------------------
@@ -372,7 +433,7 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def timestep_slider(frames, timesteps, value_range=(-1, 1), upscale: int = 1, static_cols: int = 6):
+def timestep_slider(frames, timesteps, value_range=(-1, 1), side: int = 192, static_cols: int = 6):
     """A slider that scrubs through one image per timestep (ipywidgets), or a static grid without widgets.
 
     `frames`: one image per timestep ((S, C, H, W) tensor or a list). In a notebook this returns a VBox
@@ -387,7 +448,7 @@ def timestep_slider(frames, timesteps, value_range=(-1, 1), upscale: int = 1, st
 
     import ipywidgets as widgets
 
-    pngs = [_png(to_uint8(image, upscale)) for image in images]                      # encoded once, then swapped
+    pngs = [_png(to_uint8(image, side)) for image in images]                         # encoded once, then swapped
     view = widgets.Image(value=pngs[0], format="png")
     label = widgets.Label(f"step 0 of {len(pngs) - 1}, t = {timesteps[0]}")
     slider = widgets.IntSlider(value=0, min=0, max=len(pngs) - 1, description="step", continuous_update=True)
@@ -401,20 +462,20 @@ def timestep_slider(frames, timesteps, value_range=(-1, 1), upscale: int = 1, st
     return widgets.VBox([slider, label, view])
 
 
-def make_gif(frames, value_range=(-1, 1), upscale: int = 1, duration_ms: int = 120, hold_last_ms: int = 800) -> bytes:
-    """An animated GIF (bytes) of the frames, looping, the last frame held a little longer."""
-    images = [Image.fromarray(to_uint8(image, upscale)) for image in to_images(frames, value_range)]
+def make_gif(frames, value_range=(-1, 1), side: int = 128, duration_ms: int = 150, hold_last_ms: int = 1000) -> bytes:
+    """An animated GIF (bytes) of the frames at `side` pixels, looping, the last frame held a little longer."""
+    images = [Image.fromarray(to_uint8(image, side)) for image in to_images(frames, value_range)]
     durations = [duration_ms] * (len(images) - 1) + [hold_last_ms]
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
     return buffer.getvalue()
 
 
-def show_gif(frames, value_range=(-1, 1), upscale: int = 1, duration_ms: int = 120):
+def show_gif(frames, value_range=(-1, 1), side: int = 128, duration_ms: int = 150):
     """The GIF of `make_gif`, ready to display in a notebook (an `IPython.display.Image`)."""
     from IPython.display import Image as IPythonImage
 
-    return IPythonImage(data=make_gif(frames, value_range, upscale, duration_ms), format="gif")
+    return IPythonImage(data=make_gif(frames, value_range, side, duration_ms), format="gif")
 
 
 def animation_html(frames, timesteps, value_range=(-1, 1), panel: float = 2.0, interval_ms: int = 150) -> str:
