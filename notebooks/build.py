@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import textwrap
-import time
 import tomllib
 from pathlib import Path
 
@@ -100,14 +99,13 @@ def build(spec: dict, i: int, url: str) -> nbformat.NotebookNode:
 
 
 def execute(path: Path) -> float:
-    from nbclient import NotebookClient
+    """Run the notebook in place (its outputs are what gets committed); stop at the first failing cell."""
+    from run_course import run_notebook
 
-    nb = nbformat.read(path, as_version=4)
-    start = time.perf_counter()
-    NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
-    seconds = time.perf_counter() - start
-    nbformat.write(nb, path)
-    return seconds
+    result = run_notebook(path, out_path=path)
+    if result["error"]:
+        raise SystemExit(f"{path.name} failed: {result['error']}")
+    return result["seconds"]
 
 
 def main() -> None:

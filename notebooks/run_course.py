@@ -1,0 +1,133 @@
+"""Run the whole course from the command line, with the models and device chosen by MINIDIFF_* variables,
+timing each notebook and reading its peak GPU memory. The committed notebooks are not modified.
+
+    MINIDIFF_MODELS=tiny python notebooks/run_course.py                    # the CI setting, on this machine
+    MINIDIFF_MODELS=tiny MINIDIFF_DEVICE=cuda python notebooks/run_course.py --out runs/course-tiny-cuda
+    python notebooks/run_course.py --fake-hub /tmp/fakes --reference ../shared/reference --out runs/course-fake
+
+`--fake-hub DIR` first writes full-size look-alikes of CompVis/stable-diffusion-v1-4 and google/ddpm-cat-256
+into DIR (the real configs and tokenizer from `--reference`, random weights in float16; about 2.2 GB),
+then runs the course on them with MINIDIFF_MODELS=hub: a rehearsal of a GPU run with the real
+checkpoints (same shapes, dtype and memory), for machines that cannot reach the hub. The pictures are noise.
+
+For nbval's comparison of the marked outputs use `python -m pytest -q notebooks/` instead (tiny models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+HERE = Path(__file__).resolve().parent
+
+# The last cell appended to each notebook before it runs: its peak GPU memory, read back by the runner.
+PEAK_CELL = """
+import json as _json, torch as _torch
+print("MINIDIFF_PEAK_MEMORY", _json.dumps({"allocated": _torch.cuda.max_memory_allocated() if _torch.cuda.is_available() else 0,
+                                           "reserved": _torch.cuda.max_memory_reserved() if _torch.cuda.is_available() else 0}))
+"""
+
+
+def run_notebook(path: Path, out_path: Path | None = None, timeout: int = 1200) -> dict:
+    """Execute one notebook in a fresh kernel; returns seconds, peak GPU memory (GiB) and the error, if any."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PEAK_CELL.strip()))
+    error = None
+    start = time.perf_counter()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    except CellExecutionError as e:
+        error = str(e).strip().splitlines()[-1][:300]
+    seconds = time.perf_counter() - start
+    peak = {"allocated": 0, "reserved": 0}
+    for output in nb.cells[-1].get("outputs", []):
+        text = output.get("text", "")
+        if "MINIDIFF_PEAK_MEMORY" in text:
+            peak = json.loads(text.split("MINIDIFF_PEAK_MEMORY", 1)[1])
+    if out_path is not None:
+        nb.cells.pop()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, out_path)
+    return {"seconds": round(seconds, 1), "peak_allocated_gib": round(peak["allocated"] / 2**30, 2),
+            "peak_reserved_gib": round(peak["reserved"] / 2**30, 2), "error": error}
+
+
+def make_fake_hub(folder: Path, reference: Path) -> dict[str, Path]:
+    """Full-size CompVis/stable-diffusion-v1-4 and google/ddpm-cat-256 folders with random float16 weights."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from minidiff import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # random init of 1 B parameters is quick on a GPU
+    sd_ref, cat_ref = reference / "stable-diffusion-v1-4", reference / "ddpm-cat-256"
+    sd, cat = folder / "stable-diffusion-v1-4", folder / "ddpm-cat-256"
+    start = time.perf_counter()
+
+    sd.mkdir(parents=True, exist_ok=True)
+    shutil.copy(sd_ref / "model_index.json", sd / "model_index.json")
+    for sub in ("tokenizer", "scheduler"):
+        shutil.copytree(sd_ref / sub, sd / sub, dirs_exist_ok=True)
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        with torch.device(device):
+            model = cls.from_config(json.loads((sd_ref / sub / "config.json").read_text()))
+        model.half().save_pretrained(str(sd / sub))
+        del model
+    text_config = CLIPTextConfig.from_dict(json.loads((sd_ref / "text_encoder" / "config.json").read_text()))
+    with torch.device(device):
+        text_encoder = CLIPTextModel(text_config)
+    text_encoder.half().save_pretrained(sd / "text_encoder")
+    del text_encoder
+
+    cat.mkdir(parents=True, exist_ok=True)
+    (cat / "model_index.json").write_text(json.dumps(
+        {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
+    shutil.copy(cat_ref / "scheduler_config.json", cat / "scheduler_config.json")
+    with torch.device(device):
+        unet = UNet2DModel.from_config(json.loads((cat_ref / "config.json").read_text()))
+    unet.half().save_pretrained(str(cat))
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    print(f"fake hub folders in {folder}: {size / 2**30:.2f} GiB written in {time.perf_counter() - start:.0f} s", flush=True)
+    return {"sd": sd, "ddpm": cat}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write the executed notebooks and times.json here")
+    parser.add_argument("--fake-hub", help="build full-size random-weight hub folders here and run on them")
+    parser.add_argument("--reference", default=str(HERE.parent.parent / "shared" / "reference"),
+                        help="folder of the real configs (stable-diffusion-v1-4/, ddpm-cat-256/)")
+    parser.add_argument("only", nargs="*", help="prefixes of the notebooks to run (default: all)")
+    args = parser.parse_args()
+
+    if args.fake_hub:
+        fakes = make_fake_hub(Path(args.fake_hub), Path(args.reference))
+        os.environ.update(MINIDIFF_MODELS="hub", MINIDIFF_SD=str(fakes["sd"]), MINIDIFF_DDPM=str(fakes["ddpm"]))
+
+    out = Path(args.out) if args.out else None
+    paths = sorted(HERE.glob("[0-9][0-9]_*.ipynb"))
+    paths = [p for p in paths if not args.only or any(p.name.startswith(o) for o in args.only)]
+    results = {}
+    for path in paths:
+        results[path.name] = r = run_notebook(path, out / path.name if out else None)
+        print(f"{path.name:42s} {r['seconds']:6.1f} s  peak GPU {r['peak_allocated_gib']:5.2f} GiB"
+              + (f"  FAILED: {r['error']}" if r["error"] else ""), flush=True)
+    total = sum(r["seconds"] for r in results.values())
+    print(f"{'total':42s} {total:6.1f} s")
+    if out:
+        (out / "times.json").write_text(json.dumps(results, indent=1))
+    sys.exit(1 if any(r["error"] for r in results.values()) else 0)
+
+
+if __name__ == "__main__":
+    main()
