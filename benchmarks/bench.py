@@ -34,6 +34,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for the .md and .json")
     p.add_argument("--name", default=None, help="file name stem of the results (default: from the device)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # recorded with the results
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -121,22 +123,25 @@ class Clock:
         self.sync()
         return time.perf_counter() - t0
 
-    def per_call_ms(self, fn, calls: int, warmup: int = 3) -> float:
-        """Median milliseconds of one call: CUDA events around each call on a GPU, perf_counter on a CPU."""
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(calls):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+    def per_call_ms(self, fns, calls: int, warmup: int = 3) -> list[float]:
+        """Median milliseconds of one call of each of `fns`, called in turn (a, b, a, b, ...) so that a drift of
+        the clocks hits all alike: CUDA events around each call on a GPU, perf_counter on a CPU."""
+        for fn in fns:
+            for _ in range(warmup):
                 fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                times.append(self.wall(fn) * 1e3)
-        return statistics.median(times)
+        times = [[] for _ in fns]
+        for _ in range(calls):
+            for fn, kept in zip(fns, times):
+                if self.cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    kept.append(start.elapsed_time(end))
+                else:
+                    kept.append(self.wall(fn) * 1e3)
+        return [statistics.median(t) for t in times]
 
 
 def peak_memory_gib(device: str, fn, own_bytes: int) -> float | None:
@@ -299,9 +304,9 @@ class Report:
 
     def __init__(self, args, hardware: dict, models_label: str):
         self.args, self.rows, self.notes, self.skipped = args, [], [], []
-        self.meta = dict(hardware=hardware, models=models_label,
-                         command="python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-                         if sys.argv and sys.argv[0].endswith("bench.py") else "bench.main(" + repr(sys.argv) + ")",
+        env = f"MINIDIFF_REFERENCE={os.environ['MINIDIFF_REFERENCE']} " if "MINIDIFF_REFERENCE" in os.environ else ""
+        self.meta = dict(hardware=hardware, models=models_label, commit=git_commit(),
+                         command=env + shlex.join(["python", "benchmarks/bench.py", *args.argv]),
                          started=time.strftime("%Y-%m-%d %H:%M:%S"))
         self.t0 = time.perf_counter()
 
@@ -334,7 +339,9 @@ class Report:
     def markdown(self) -> str:
         hw = self.meta["hardware"]
         lines = [f"# minidiff vs diffusers: {hw['device']}", "",
-                 f"- command: `{self.meta['command']}`", f"- models: {self.meta['models']}",
+                 f"- command: `{self.meta['command']}`" + (f" (minidiff commit {self.meta['commit']})"
+                                                            if self.meta.get("commit") else ""),
+                 f"- models: {self.meta['models']}",
                  f"- hardware: {hw['device']}; {hw['cpu']}; {hw['cores']} CPU cores "
                  + (f"(load average {hw['load']:.1f} at the start)" if hw.get('load') is not None else ""),
                  f"- software: {hw['software']}", f"- started {self.meta['started']}, took {self.elapsed():.0f} s",
@@ -357,6 +364,19 @@ class Report:
         if self.skipped:
             lines += ["## Skipped", ""] + [f"- {s}" for s in self.skipped] + [""]
         return "\n".join(lines)
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran (with '+changes' if the tree differs from it), when git is there."""
+    import subprocess
+
+    try:
+        run = lambda *cmd: subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True,  # noqa: E731
+                                          timeout=10).stdout.strip()
+        commit = run("rev-parse", "--short", "HEAD")
+        return (commit + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def hardware(device: str) -> dict:
@@ -446,20 +466,21 @@ class Bench:
         return pipe(batch_size=1, generator=g, num_inference_steps=steps).images[0]
 
     def time_pipelines(self, section, calls: dict, repeats: int, warmup: int, targets: dict):
-        """calls: {label: (ours_fn, theirs_fn or None)}, timed interleaved (ours, theirs, theirs, ours, ...) so
-        that a drift of the clock or the temperature hits both alike; the median of `repeats` is reported."""
+        """calls: {label: (ours_fn, theirs_fn or None)}, timed interleaved, every other round in reverse order, so
+        that a drift of the clocks or the temperature hits all alike; the median of `repeats` is reported."""
         times = {label: ([], []) for label in calls}
         for _ in range(warmup):
             for fns in calls.values():
                 for fn in fns:
                     if fn is not None:
                         fn()
+        labels = list(calls)
         for r in range(repeats):
-            for label, fns in calls.items():
-                order = (0, 1) if r % 2 == 0 else (1, 0)
-                for which in order:
-                    if fns[which] is not None:
-                        times[label][which].append(self.clock.wall(fns[which]))
+            # every other repeat in reverse, labels and libraries: (a, b, c, d), (d, c, b, a), ...
+            order = [(label, which) for label in labels for which in (0, 1)]
+            for label, which in order if r % 2 == 0 else reversed(order):
+                if calls[label][which] is not None:
+                    times[label][which].append(self.clock.wall(calls[label][which]))
         medians = {}
         for label, (ours_t, theirs_t) in times.items():
             medians[label] = statistics.median(ours_t)
@@ -476,11 +497,12 @@ class Bench:
         section = f"SD {size}x{size}, {args.sd_steps} UniPC steps, guidance {args.guidance}, {dtype_name}, eager"
         rep = self.report
 
-        # one image from each: the same picture (a sanity check of the set-up, not a parity test), peak memory
-        images = []
-        peaks = [peak_memory_gib(self.device, lambda p=p: images.append(self.run_sd(p, latents, size)),
-                                 weight_bytes(*sd_models(p))) for p in (ours, theirs)]
+        # one image from each: the same picture (a sanity check of the set-up, not a parity test); then the peak
+        # memory of a second call (the first allocates one-time buffers, e.g. cuBLAS's workspace)
+        images = [self.run_sd(p, latents, size) for p in (ours, theirs)]
         rep.add(section, "max pixel difference of the two images", same_image(*images), unit="0-255")
+        peaks = [peak_memory_gib(self.device, lambda p=p: self.run_sd(p, latents, size), weight_bytes(*sd_models(p)))
+                 for p in (ours, theirs)]
         if peaks[0] is not None:
             rep.add(section, "peak GPU memory", *peaks, target=1.0, unit="GiB")
         if components:
@@ -505,33 +527,34 @@ class Bench:
         x2 = torch.cat([latents] * 2)
         t = torch.tensor(500, device=self.device)
         with torch.no_grad():
-            unet_ms = [self.clock.per_call_ms(lambda p=p: p.unet(x2, t, encoder_hidden_states=text), n)
-                       for p in (ours, theirs)]
+            unet_ms = self.clock.per_call_ms([lambda p=p: p.unet(x2, t, encoder_hidden_states=text)
+                                              for p in (ours, theirs)], n)
             rep.add(section, "UNet step, batch 2 (guidance)", *unet_ms, unit="ms")
             z = latents / 0.18215
-            vae_ms = [self.clock.per_call_ms(lambda p=p: p.vae.decode(z), max(3, n // 4), warmup=1) for p in (ours, theirs)]
+            vae_ms = self.clock.per_call_ms([lambda p=p: p.vae.decode(z) for p in (ours, theirs)], max(3, n // 4), warmup=1)
             rep.add(section, "VAE decode", *vae_ms, unit="ms")
-            text_ms = [
-                self.clock.per_call_ms(lambda: prompt_embeddings(ours.tokenizer, ours.text_encoder, [PROMPT], None, 1,
-                                                                 True, self.device), n),
-                self.clock.per_call_ms(lambda: theirs.encode_prompt(PROMPT, self.device, 1, True), n)]
+            text_ms = self.clock.per_call_ms(
+                [lambda: prompt_embeddings(ours.tokenizer, ours.text_encoder, [PROMPT], None, 1, True, self.device),
+                 lambda: theirs.encode_prompt(PROMPT, self.device, 1, True)], n)
             rep.add(section, "text encoding (prompt + empty prompt)", *text_ms, unit="ms")
             # the scheduler: its step alone, over a whole schedule, and the GPU syncs it forces
             eps = torch.randn_like(latents)
-            step_ms, syncs = [], []
-            for p in (ours, theirs):
-                def steps(p=p):
-                    x = latents
-                    for step_t in p.scheduler.timesteps:
-                        x = p.scheduler.step(eps, step_t, x).prev_sample
 
-                def schedule(p=p):
-                    p.scheduler.set_timesteps(args.sd_steps, device=self.device)
-                    steps(p)
+            def steps(p):
+                x = latents
+                for step_t in p.scheduler.timesteps:
+                    x = p.scheduler.step(eps, step_t, x).prev_sample
 
-                step_ms.append(self.clock.per_call_ms(schedule, 3, warmup=1) / args.sd_steps)
+            def schedule(p):
                 p.scheduler.set_timesteps(args.sd_steps, device=self.device)
-                n_syncs = syncs_during(self.device, steps)
+                steps(p)
+
+            step_ms = [ms / args.sd_steps for ms in
+                       self.clock.per_call_ms([lambda p=p: schedule(p) for p in (ours, theirs)], 3, warmup=1)]
+            syncs = []
+            for p in (ours, theirs):
+                p.scheduler.set_timesteps(args.sd_steps, device=self.device)
+                n_syncs = syncs_during(self.device, lambda p=p: steps(p))
                 syncs.append(None if n_syncs is None else n_syncs / args.sd_steps)
             rep.add(section, "scheduler step (UniPC)", *step_ms, unit="ms")
             if syncs[0] is not None:
@@ -557,12 +580,13 @@ class Bench:
             x = torch.randn(1, ours.unet.config.in_channels, size, size, device=self.device, dtype=dtype)
             t = torch.tensor(500, device=self.device)
             with torch.no_grad():
-                unet_ms = [self.clock.per_call_ms(lambda p=p: p.unet(x, t), self.args.component_calls) for p in (ours, theirs)]
+                unet_ms = self.clock.per_call_ms([lambda p=p: p.unet(x, t) for p in (ours, theirs)],
+                                                 self.args.component_calls)
             rep.add(section, "UNet step, batch 1", *unet_ms, unit="ms")
-            images = []
-            peaks = [peak_memory_gib(self.device, lambda p=p: images.append(self.run_ddpm(p, steps)), weight_bytes(p.unet))
-                     for p in (ours, theirs)]
+            images = [self.run_ddpm(p, steps) for p in (ours, theirs)]
             rep.add(section, "max pixel difference of the two images", same_image(*images), unit="0-255")
+            peaks = [peak_memory_gib(self.device, lambda p=p: self.run_ddpm(p, steps), weight_bytes(p.unet))
+                     for p in (ours, theirs)]
             if peaks[0] is not None:
                 rep.add(section, "peak GPU memory", *peaks, target=1.0, unit="GiB")
         calls = {"time per image": (lambda: self.run_ddpm(ours, steps), lambda: self.run_ddpm(theirs, steps))}
@@ -588,9 +612,12 @@ class Bench:
         text = torch.randn(2, 77, ours.unet.config.cross_attention_dim, device=self.device, dtype=dtype)
         x2, t = torch.cat([latents] * 2), torch.tensor(500, device=self.device)
 
-        def unet_ms(p):
+        def unet_ms():
             with torch.no_grad():
-                return self.clock.per_call_ms(lambda: p.unet(x2, t, encoder_hidden_states=text), n)
+                return self.clock.per_call_ms([lambda p=p: p.unet(x2, t, encoder_hidden_states=text)
+                                               for p in (ours, theirs)], n)
+
+        rep.add(section, "UNet step, plain (measured beside the switches)", *unet_ms(), unit="ms")
 
         # fused QKV: one matmul for q, k, v (self-attention) or k, v (cross-attention); both libraries have it
         with torch.no_grad():
@@ -598,7 +625,7 @@ class Bench:
             for p in (ours, theirs):
                 p.fuse_qkv_projections()
             fused = ours.unet(x2, t, encoder_hidden_states=text).sample
-        rep.add(section, "UNet step, fused QKV", unet_ms(ours), unet_ms(theirs), unit="ms")
+        rep.add(section, "UNet step, fused QKV", *unet_ms(), unit="ms")
         err = ((fused.float() - plain.float()).abs().max() / plain.float().abs().max()).item()
         rep.add(section, "minidiff fused QKV: max rel. difference to unfused", err)
         for p in (ours, theirs):
@@ -607,7 +634,7 @@ class Bench:
         # channels_last weights and activations (minidiff: one switch; diffusers: the torch call)
         ours.enable_channels_last()
         theirs.unet.to(memory_format=torch.channels_last)
-        rep.add(section, "UNet step, channels_last", unet_ms(ours), unet_ms(theirs), unit="ms")
+        rep.add(section, "UNet step, channels_last", *unet_ms(), unit="ms")
         for p in (ours, theirs):
             p.unet.to(memory_format=torch.contiguous_format)
 
@@ -621,12 +648,13 @@ class Bench:
                     (f"VAE decode 4 x {8 * tile}x{8 * tile}", batch, "enable_slicing", "disable_slicing")):
                 plain = [peak_memory_gib(self.device, lambda p=p: p.vae.decode(z), weight_bytes(p.vae))
                          for p in (ours, theirs)]
-                plain_ms = [self.clock.per_call_ms(lambda p=p: p.vae.decode(z), 3, warmup=1) for p in (ours, theirs)]
+                plain_ms = self.clock.per_call_ms([lambda p=p: p.vae.decode(z) for p in (ours, theirs)], 3, warmup=1)
                 for p in (ours, theirs):
                     getattr(p.vae, on)()
                 switched = [peak_memory_gib(self.device, lambda p=p: p.vae.decode(z), weight_bytes(p.vae))
                             for p in (ours, theirs)]
-                switched_ms = [self.clock.per_call_ms(lambda p=p: p.vae.decode(z), 3, warmup=1) for p in (ours, theirs)]
+                switched_ms = self.clock.per_call_ms([lambda p=p: p.vae.decode(z) for p in (ours, theirs)], 3,
+                                                     warmup=1)
                 for p in (ours, theirs):
                     getattr(p.vae, off)()
                 how = on.replace("enable_", "")
@@ -693,8 +721,8 @@ class Bench:
             text = torch.randn(2, 77, ours.unet.config.cross_attention_dim, device=self.device, dtype=dtype)
             x2, t = torch.cat([latents] * 2), torch.tensor(500, device=self.device)
             with torch.no_grad():
-                ms = [self.clock.per_call_ms(lambda p=p: p.unet(x2, t, encoder_hidden_states=text), args.component_calls)
-                      for p in (ours, theirs)]
+                ms = self.clock.per_call_ms([lambda p=p: p.unet(x2, t, encoder_hidden_states=text)
+                                             for p in (ours, theirs)], args.component_calls)
             rep.add(section, "UNet step, batch 2 (guidance)", *ms, unit="ms")
             calls = {"time per image": (lambda: self.run_sd(ours, latents, size), lambda: self.run_sd(theirs, latents, size)),
                      "time per image, every step captured": (lambda: self.run_sd(ours, latents, size, capture=True),
