@@ -1,0 +1,17 @@
+"""The tiny checkpoints bundled with minidiff, trained by `minidiff.training` (see each folder's README.md).
+
+    TINY_SD:   a text-to-image latent diffusion model in Stable Diffusion v1's folder layout
+               (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), 64x64 images
+    TINY_DDPM: an unconditional pixel DDPM (model_index.json, unet/, scheduler/), 32x32 images
+
+Both draw one coloured shape on a plain background. Pass a folder, or just the name, to any
+`from_pretrained`: `minidiff.DiffusionPipeline.from_pretrained("tiny-sd")`,
+`minidiff.UNet2DConditionModel.from_pretrained("tiny-sd", subfolder="unet")`; diffusers loads the folders
+too: `diffusers.StableDiffusionPipeline.from_pretrained(minidiff.checkpoints.TINY_SD)`.
+"""
+
+import os
+
+CHECKPOINTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TINY_SD = os.path.join(CHECKPOINTS_DIR, "tiny-sd")
+TINY_DDPM = os.path.join(CHECKPOINTS_DIR, "tiny-ddpm")

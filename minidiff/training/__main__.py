@@ -1,0 +1,35 @@
+"""`python -m minidiff.training COMMAND ...`: one command per model; `COMMAND --help` lists its options."""
+
+import sys
+
+COMMANDS = {
+    "vae": "train tiny-sd's AutoencoderKL",
+    "sd": "train tiny-sd's UNet and text encoder on the VAE's latents (needs --vae)",
+    "ddpm": "train tiny-ddpm's pixel UNet",
+    "tokenizer": "write the tiny CLIP tokenizer files (--out FOLDER)",
+    "evaluate": "classifier accuracy, or the colour / shape scores of a trained model",
+}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:10s} {help}" for name, help in COMMANDS.items())
+        found = f"found {argv[0]!r}" if argv else "found none"
+        sys.exit(f"usage: python -m minidiff.training COMMAND [options]; expected a COMMAND, {found}:\n{lines}")
+    command, rest = argv[0], argv[1:]
+    if command == "vae":
+        from .train_vae import main as run
+    elif command == "sd":
+        from .train_sd import main as run
+    elif command == "ddpm":
+        from .train_ddpm import main as run
+    elif command == "evaluate":
+        from .evaluate import main as run
+    else:
+        from .tokenizer import main as run
+    run(rest)
+
+
+if __name__ == "__main__":
+    main()

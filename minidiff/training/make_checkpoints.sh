@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Train and evaluate the bundled tiny checkpoints from scratch, as they were made (one GPU, ~8 minutes):
+#
+#     bash minidiff/training/make_checkpoints.sh runs            # smoke test, train, evaluate
+#     bash minidiff/training/make_checkpoints.sh runs train      # or one phase: smoke | train | evaluate
+#     INIT=runs bash minidiff/training/make_checkpoints.sh runs2 continue   # run 2: more steps from run 1
+#
+# tiny-ddpm trains alongside the two tiny-sd stages (VAE, then UNet + text encoder): models this small
+# leave most of a GPU idle. Each stage stops at --max-minutes and saves the EMA of its weights. A second
+# tiny-sd whose text encoder stays random (--freeze-text-encoder) trains beside the first, to compare.
+# On a CPU: DEVICE=cpu, no bf16 speed-up, and expect hours for the same number of steps.
+set -u
+RUNS=${1:-runs}
+PHASE=${2:-all}
+mkdir -p "$RUNS"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+N=${NUM_IMAGES:-100000}          # size of the shapes data set
+DEVICE=${DEVICE:-cuda}
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+train() { $PY -m minidiff.training "$@" --bf16 --device "$DEVICE"; }
+
+if [ "$PHASE" = smoke ] || [ "$PHASE" = all ]; then
+    stamp "smoke test: 3 steps of each loop"
+    S="$RUNS/smoke"
+    fail() { stamp "smoke test failed"; tail -30 "$S.log"; exit 1; }
+    train vae --out "$S/vae" --steps 3 --num-images 256 > "$S.log" 2>&1 || fail
+    train ddpm --out "$S/ddpm" --steps 3 --num-images 256 >> "$S.log" 2>&1 &
+    train sd --vae "$S/vae/vae" --out "$S/sd" --steps 3 --num-images 256 >> "$S.log" 2>&1 || fail
+    wait $! || fail
+    stamp "smoke test passed"
+fi
+
+if [ "$PHASE" = train ] || [ "$PHASE" = all ]; then
+    stamp "tiny-ddpm: start (in the background)"
+    train ddpm --out "$RUNS/tiny-ddpm" --steps 100000 --batch-size 128 --lr 3e-4 --num-images "$N" \
+        --max-minutes "${DDPM_MINUTES:-6}" --workers 5 > "$RUNS/ddpm.log" 2>&1 &
+    DDPM=$!
+    stamp "vae: start"
+    train vae --out "$RUNS/vae" --steps 100000 --batch-size 64 --lr 5e-4 --kl-weight 1e-5 --num-images "$N" \
+        --max-minutes "${VAE_MINUTES:-2.5}" --workers 10 > "$RUNS/vae.log" 2>&1 || stamp "vae failed"
+    stamp "tiny-sd (text encoder trained) and tiny-sd-frozen (text encoder random): start"
+    for variant in tiny-sd tiny-sd-frozen; do
+        train sd --vae "$RUNS/vae/vae" --out "$RUNS/$variant" --steps 100000 --batch-size 256 --lr 3e-4 \
+            --num-images "$N" --max-minutes "${SD_MINUTES:-3.25}" --workers 5 \
+            $([ $variant = tiny-sd-frozen ] && echo --freeze-text-encoder) > "$RUNS/$variant.log" 2>&1 &
+    done
+    wait
+    stamp "training done"
+    for log in vae ddpm tiny-sd tiny-sd-frozen; do tail -c 300 "$RUNS/$log.log" | tr '\r' '\n' | tail -2; done
+fi
+
+if [ "$PHASE" = continue ]; then
+    # Run 2 of the bundled checkpoints: more steps from run 1's weights ($INIT/tiny-ddpm, $INIT/tiny-sd-frozen),
+    # each model alone on the GPU with larger batches (run 1's speed was bound by per-step overhead).
+    INIT=${INIT:-$RUNS}
+    stamp "continue tiny-ddpm and tiny-sd-frozen from $INIT"
+    train ddpm --init "$INIT/tiny-ddpm" --out "$RUNS/tiny-ddpm-2" --steps 100000 --batch-size 512 --lr 3e-4 \
+        --warmup 100 --num-images "$N" --max-minutes "${DDPM_MINUTES:-2}" --workers 8 > "$RUNS/ddpm-2.log" 2>&1 &
+    train sd --init "$INIT/tiny-sd-frozen" --vae "$INIT/tiny-sd/vae" --out "$RUNS/tiny-sd-frozen-2" --steps 100000 \
+        --batch-size 1024 --lr 3e-4 --warmup 100 --num-images "$N" --max-minutes "${SD_MINUTES:-2}" --workers 8 \
+        --freeze-text-encoder > "$RUNS/tiny-sd-frozen-2.log" 2>&1 &
+    wait
+    stamp "training done"
+    for log in ddpm-2 tiny-sd-frozen-2; do tail -c 300 "$RUNS/$log.log" | tr '\r' '\n' | tail -2; done
+fi
+
+if [ "$PHASE" = evaluate ] || [ "$PHASE" = all ]; then
+    for model in tiny-sd tiny-sd-frozen; do
+        stamp "evaluate $model"
+        $PY -m minidiff.training evaluate sd --model "$RUNS/$model" --device "$DEVICE" --images "${SD_EVAL_IMAGES:-4}" \
+            --grid "$RUNS/$model-samples.png" 2>&1 | grep -v "Loading weights"
+    done
+    stamp "evaluate tiny-ddpm"
+    $PY -m minidiff.training evaluate ddpm --model "$RUNS/tiny-ddpm" --device "$DEVICE" \
+        --images "${DDPM_EVAL_IMAGES:-64}" --steps "${DDPM_EVAL_STEPS:-1000}" --grid "$RUNS/tiny-ddpm-samples.png"
+    stamp "evaluation done"
+fi

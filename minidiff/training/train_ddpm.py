@@ -1,0 +1,133 @@
+"""Train tiny-ddpm: an unconditional pixel-space `UNet2DModel` on 32x32 shapes, with DDPM's loss.
+
+    python -m minidiff.training ddpm --out runs/tiny-ddpm --bf16
+
+Ho et al. 2020, "Denoising Diffusion Probabilistic Models", https://arxiv.org/abs/2006.11239, Algorithm 1:
+
+    repeat
+        x_0 ~ q(x_0)                                       a training image
+        t ~ Uniform({1, ..., T}),  eps ~ N(0, I)
+        x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps        (eq. 4, `scheduler.add_noise`)
+        take a gradient step on  || eps - eps_theta(x_t, t) ||^2       (eq. 14, the "simple" loss)
+
+The output folder is a `DDPMPipeline` in the hub layout: model_index.json, unet/, scheduler/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..schedulers.ddpm import DDPMScheduler
+from ..unet_2d import UNet2DModel
+from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
+                     save_state, warmup_lr, write_json)
+from .shapes import to_model_range
+
+RESOLUTION = 32
+
+# google/ddpm-cat-256's structure (ResNet levels, self-attention at the lowest resolution), made small.
+UNET_CONFIG = {
+    "sample_size": RESOLUTION,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],       # 32x32 -> 16x16 -> 8x8
+    "layers_per_block": 1,
+    "attention_head_dim": 8,                  # here the size of one head (8 heads of 8 at 64 channels)
+    "norm_num_groups": 32,
+}
+# DDPM's linear schedule (Ho et al. sec. 4: T = 1000, beta from 1e-4 to 0.02), as in google/ddpm-cat-256.
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "variance_type": "fixed_small",
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+}
+
+
+def train(args, unet_config: dict = UNET_CONFIG) -> UNet2DModel:
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    images, _ = load_images(args, resolution=RESOLUTION, device=device)   # the captions are not used
+
+    if args.init:
+        unet = UNet2DModel.from_pretrained(args.init, subfolder="unet")
+    else:
+        unet = UNet2DModel.from_config(unet_config)
+    unet = unet.to(device).train()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)  # ᾱ on the GPU: no copy (and sync) per step
+    T = scheduler.config.num_train_timesteps
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    step, seconds = 0, 0.0
+    if args.resume:
+        step, seconds = load_state(args.out, {"unet": unet, "ema": ema}, optimizer, generator)
+    log = LossLog(args.out, args.resume)
+
+    start = time.time() - seconds
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * warmup_lr(step, args.warmup)
+        # 1. x_0: a batch of training images in [-1, 1]
+        idx = torch.randint(len(images), (args.batch_size,), generator=generator, device=device)
+        x0 = to_model_range(images[idx])                                          # (B, 3, 32, 32)
+        # 2. t ~ U{0, ..., T-1} (diffusers counts from 0), eps ~ N(0, I)
+        t = torch.randint(T, (args.batch_size,), generator=generator, device=device)
+        eps = torch.randn(x0.shape, generator=generator, device=device)
+        # 3. x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) eps
+        x_t = scheduler.add_noise(x0, eps, t)
+        # 4. || eps - eps_theta(x_t, t) ||^2
+        with autocast(device, args.bf16):
+            eps_pred = unet(x_t, t).sample
+        loss = F.mse_loss(eps_pred.float(), eps)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, unet, args.ema_decay)
+
+        if step % 50 == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(step, time.time() - start, loss=loss.item())
+        done = step + 1
+        out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
+            save_state(args.out, done, {"unet": unet, "ema": ema}, optimizer, generator, time.time() - start)
+        if out_of_time:
+            print(f"stopping after {done} steps: --max-minutes {args.max_minutes} reached")
+            break
+
+    # 5. the pipeline folder: the EMA weights, the scheduler, model_index.json
+    ema.eval().save_pretrained(os.path.join(args.out, "unet"))
+    scheduler.save_pretrained(os.path.join(args.out, "scheduler"))
+    write_json(os.path.join(args.out, "model_index.json"), {
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    })
+    print(f"ddpm: {step + 1} steps in {time.time() - start:.0f} s, saved to {args.out}")
+    return ema
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minidiff.training ddpm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, steps=20_000, batch_size=128, lr=3e-4)
+    train(parser.parse_args(argv))

@@ -1,0 +1,135 @@
+"""Train tiny-sd's VAE: an `AutoencoderKL` with Stable Diffusion v1's structure, made small.
+
+    python -m minidiff.training vae --out runs/vae --bf16
+
+A variational autoencoder (Kingma & Welling 2014, https://arxiv.org/abs/1312.6114; SD's version:
+Rombach et al. 2022, https://arxiv.org/abs/2112.10752, sec. 3.1) learns
+
+    encode: x (B, 3, 64, 64) -> q(z | x) = N(mean, std^2), z (B, 4, 8, 8)     (factor 8, as SD's)
+    decode: z -> x_rec (B, 3, 64, 64)
+
+by minimising   loss = ||x - decode(z)||^2  +  kl_weight * KL(q(z | x) || N(0, I)),   z ~ q(z | x).
+
+SD adds a perceptual (LPIPS) and an adversarial loss for sharp photos; flat shapes need neither.
+After training, `scaling_factor` is measured as SD's 0.18215 was: 1 / std of the latents, so that the
+diffusion model sees latents of unit variance; it is written into vae/config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..vae import AutoencoderKL
+from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
+                     save_state, warmup_lr)
+from .shapes import to_model_range
+
+# SD v1's VAE config (block types, 4 latent channels, 3 downsamplings = factor 8) with narrow blocks.
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [32, 64, 64, 64],   # SD v1: [128, 256, 512, 512]
+    "layers_per_block": 1,                    # SD v1: 2
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+    "scaling_factor": 1.0,                    # replaced by the measured value after training
+}
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, var) || N(0, 1)) = 1/2 (mean^2 + var - 1 - log var), per latent element, averaged."""
+    return 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).mean()
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator,
+                           batch_size: int = 512) -> float:
+    """1 / std of latents z ~ q(z | x) over `images` (uint8): the factor that gives the diffusion model
+    unit-variance inputs (how SD's 0.18215 was found)."""
+    latents = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_range(images[start:start + batch_size])
+        latents.append(vae.encode(x).latent_dist.sample(generator).float())
+    return 1.0 / torch.cat(latents).std().item()
+
+
+def train(args, vae_config: dict = VAE_CONFIG) -> AutoencoderKL:
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    images, _ = load_images(args, resolution=64, device=device)
+
+    vae = AutoencoderKL.from_config(vae_config).to(device).train()
+    ema = copy.deepcopy(vae).requires_grad_(False)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator(device).manual_seed(args.seed)  # batches and noise: resumable
+    step, seconds = 0, 0.0
+    if args.resume:
+        step, seconds = load_state(args.out, {"vae": vae, "ema": ema}, optimizer, generator)
+    log = LossLog(args.out, args.resume, columns=("loss", "rec", "kl"))
+
+    start = time.time() - seconds
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="vae")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * warmup_lr(step, args.warmup)
+        # 1. a batch of images in [-1, 1]
+        idx = torch.randint(len(images), (args.batch_size,), generator=generator, device=device)
+        x = to_model_range(images[idx])                                   # (B, 3, 64, 64)
+
+        with autocast(device, args.bf16):
+            # 2. encode to q(z | x) and draw z with the reparameterisation trick
+            posterior = vae.encode(x).latent_dist                         # mean, logvar: (B, 4, 8, 8)
+            z = posterior.sample(generator)
+            # 3. decode
+            x_rec = vae.decode(z).sample                                  # (B, 3, 64, 64)
+        # 4. reconstruction + KL (in float32)
+        rec = F.mse_loss(x_rec.float(), x)
+        kl = kl_divergence(posterior.mean.float(), posterior.logvar.float())
+        loss = rec + args.kl_weight * kl
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, vae, args.ema_decay)
+
+        if step % 50 == 0 or step == args.steps - 1:
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+            log.write(step, time.time() - start, loss=loss.item(), rec=rec.item(), kl=kl.item())
+        done = step + 1
+        out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
+            save_state(args.out, done, {"vae": vae, "ema": ema}, optimizer, generator, time.time() - start)
+        if out_of_time:
+            print(f"stopping after {done} steps: --max-minutes {args.max_minutes} reached")
+            break
+
+    # 5. measure the latent scale on (up to) 10,000 images and save the EMA weights with it
+    ema.eval()
+    scaling_factor = measure_scaling_factor(ema, images[:10_000], generator)
+    ema.config = dataclasses.replace(ema.config, scaling_factor=round(scaling_factor, 5))
+    ema.save_pretrained(os.path.join(args.out, "vae"))
+    print(f"vae: {step + 1} steps in {time.time() - start:.0f} s, scaling_factor = {scaling_factor:.5f}, "
+          f"saved to {os.path.join(args.out, 'vae')}")
+    return ema
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minidiff.training vae", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, steps=6000, batch_size=64, lr=2e-4)
+    parser.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
+    train(parser.parse_args(argv))

@@ -1,0 +1,273 @@
+"""The training code of the bundled tiny checkpoints: data set, tokenizer, classifier, training loops.
+
+Everything runs on the CPU with tiny model configs, a few steps each.
+"""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minidiff.training import evaluate, shapes, train_ddpm, train_sd, train_vae
+from minidiff.training.common import add_common_args
+from minidiff.training.shapes import HELD_OUT, POSITIONS, SIZES, ShapesDataset
+from minidiff.training.tokenizer import BOS, EOS, MODEL_MAX_LENGTH, build_vocab, write_tokenizer
+
+
+# --- the data set ------------------------------------------------------------------------------------
+def test_dataset_is_deterministic_and_seeded():
+    a, cap_a = ShapesDataset(12, seed=3).tensors()
+    b, cap_b = ShapesDataset(12, seed=3).tensors()
+    c, cap_c = ShapesDataset(12, seed=4).tensors()
+    assert a.dtype == torch.uint8 and a.shape == (12, 3, 64, 64)
+    assert torch.equal(a, b) and cap_a == cap_b
+    assert not torch.equal(a, c) and cap_a != cap_c
+    # example i does not depend on which other examples were drawn (parallel drawing relies on it)
+    img5, cap5 = ShapesDataset(12, seed=3)[5]
+    assert torch.equal(img5, a[5]) and cap5 == cap_a[5]
+    x, _ = shapes.render_all(12, seed=3, workers=2)
+    assert torch.equal(x, a)
+
+
+def test_captions_describe_the_drawn_image():
+    ds = ShapesDataset(300, seed=7)
+    seen_sizes, seen_positions, seen_backgrounds = set(), set(), set()
+    for i in range(300):
+        ex = ds.example(i)
+        image, caption = ds[i]
+        words = caption.split()
+        assert caption == ex.caption and words[0] == "a"
+        assert ex.color in words and ex.shape in words
+        assert (ex.color, ex.shape) not in HELD_OUT
+        # size: the box side is in the named range
+        side = ex.box[2] - ex.box[0]
+        if ex.size:
+            assert ex.size in words and SIZES[ex.size][0] <= side <= SIZES[ex.size][1]
+            seen_sizes.add(ex.size)
+        # position: the centre of the shape's bounding box lies on the named side of the canvas
+        pixels = image.permute(1, 2, 0).numpy().astype(float)
+        chroma = pixels.max(-1) - pixels.min(-1)
+        ys, xs = np.nonzero(chroma > 100)
+        assert len(ys) > 20, caption
+        if ex.position:
+            assert caption.index(ex.position) > caption.index(ex.shape)
+            col, row = POSITIONS[ex.position]
+            for centre, third in (((xs.min() + xs.max()) / 2, col), ((ys.min() + ys.max()) / 2, row)):
+                assert {0: centre < 32, 1: 14 < centre < 50, 2: centre > 32}[third], (caption, centre)
+            seen_positions.add(ex.position)
+        # background: the corners have the named colour (white when the caption says nothing)
+        said = caption.endswith("background")
+        assert said == (f"on a {ex.background} background" in caption)
+        expected = shapes.BACKGROUNDS[ex.background] if said else shapes.BACKGROUNDS["white"]
+        assert tuple(image[:, 0, 0].tolist()) == expected, caption
+        seen_backgrounds.add(ex.background if said else None)
+    assert seen_sizes == set(SIZES) and len(seen_positions) == len(POSITIONS)
+    assert seen_backgrounds == {None, "white", "gray", "black"}
+
+
+def test_held_out_pairs_never_appear_in_training_data():
+    ds = ShapesDataset(3000, seed=0)
+    pairs = {(ds.example(i).color, ds.example(i).shape) for i in range(3000)}
+    assert not pairs & set(HELD_OUT)
+    assert len(pairs) == len(shapes.COLORS) * len(shapes.SHAPES) - len(HELD_OUT)
+    ds_all = ShapesDataset(3000, seed=0, held_out=())
+    assert set(HELD_OUT) <= {(ds_all.example(i).color, ds_all.example(i).shape) for i in range(3000)}
+
+
+def test_dataset_errors():
+    with pytest.raises(ValueError, match="num_images"):
+        ShapesDataset(0)
+    with pytest.raises(IndexError, match="out of range"):
+        ShapesDataset(3).example(3)
+
+
+# --- the tokenizer -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("class_name", ["CLIPTokenizer", "CLIPTokenizerFast"])
+def test_tokenizer_makes_one_token_per_caption_word(tokenizer_dir, class_name):
+    import transformers
+
+    tok = getattr(transformers, class_name).from_pretrained(str(tokenizer_dir))
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    assert len(tok) == len(vocab)
+    assert tok.bos_token_id == vocab[BOS] and tok.eos_token_id == vocab[EOS] == tok.pad_token_id
+    assert tok.model_max_length == MODEL_MAX_LENGTH
+    for word in shapes.caption_words():
+        assert tok.tokenize(word) == [word + "</w>"], word
+    caption = "a small blue square at the top left on a gray background"
+    ids = tok(caption, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True).input_ids
+    words = caption.split()
+    assert len(ids) == MODEL_MAX_LENGTH
+    assert ids[0] == tok.bos_token_id and ids[len(words) + 1] == tok.eos_token_id
+    assert ids[1:len(words) + 1] == [vocab[w + "</w>"] for w in words]
+    assert set(ids[len(words) + 1:]) == {tok.pad_token_id}
+    # any other text still tokenizes (into single bytes), and case is folded as CLIP does
+    assert tok.tokenize("Redd") == ["r", "e", "d", "d</w>"]
+
+
+def test_tokenizer_files_are_in_clip_format():
+    vocab, merges = build_vocab(["red", "round"])
+    assert len(vocab) == 512 + len(merges) + 2 and list(vocab)[-2:] == [BOS, EOS]
+    assert merges == [("e", "d</w>"), ("r", "ed</w>"), ("n", "d</w>"), ("u", "nd</w>"), ("o", "und</w>"),
+                      ("r", "ound</w>")]
+    with pytest.raises(ValueError, match="lowercase ASCII"):
+        build_vocab(["Red"])
+
+
+# --- the classifier ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("resolution", [64, 32])
+def test_classifier_is_accurate_on_dataset_images(resolution):
+    result = evaluate.validate_classifier(num_images=150, seed=99, resolution=resolution)
+    assert result["color_accuracy"] >= 0.99, result
+    assert result["shape_accuracy"] >= 0.98, result
+    assert result["clean_share"] >= 0.95, result
+
+
+def test_classifier_rejects_what_is_not_one_clean_shape():
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    assert evaluate.analyse(blank).shape is None and not evaluate.analyse(blank).clean
+    image, _ = ShapesDataset(1, seed=1)[0]
+    good = image.permute(1, 2, 0).numpy()
+    assert evaluate.analyse(good).clean
+    tinted = good.copy()  # the same shape on a coloured background
+    tinted[(good == 255).all(-1)] = (120, 200, 120)
+    assert not evaluate.analyse(tinted).clean
+    two = np.concatenate([good[:, :32], good[:, :32]], axis=1)  # two blobs side by side (or half shapes)
+    assert not evaluate.analyse(two).clean or evaluate.analyse(good[:, :32]).clean
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert not evaluate.analyse(noise).clean
+
+
+# --- the training loops --------------------------------------------------------------------------------
+def parse(module, *argv):
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, steps=1, batch_size=1, lr=1e-3)
+    if module is train_vae:
+        parser.add_argument("--kl-weight", type=float, default=1e-5)
+    if module is train_sd:
+        parser.add_argument("--vae")
+        parser.add_argument("--caption-dropout", type=float, default=0.1)
+        parser.add_argument("--freeze-text-encoder", action="store_true")
+    return parser.parse_args([*argv, "--device", "cpu", "--num-images", "64", "--warmup", "1"])
+
+
+TINY_VAE = {**train_vae.VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4}
+TINY_DDPM = {**train_ddpm.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4,
+             "attention_head_dim": 4}
+TINY_UNET = {**train_sd.UNET_CONFIG, "block_out_channels": [16, 16], "norm_num_groups": 4,
+             "attention_head_dim": 2, "cross_attention_dim": 16}
+TINY_TEXT = {**train_sd.TEXT_ENCODER_CONFIG, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+
+
+def losses(folder, column="loss"):
+    lines = (folder / "loss_log.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return [float(line.split(",")[header.index(column)]) for line in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    vae = train_vae.train(parse(train_vae, "--out", str(out), "--steps", "30", "--batch-size", "8",
+                                "--lr", "3e-3", "--ema-decay", "0.5"), TINY_VAE)
+    return out, vae
+
+
+def test_vae_loop_learns_and_measures_its_scaling_factor(trained_vae):
+    out, vae = trained_vae
+    rec = losses(out, "rec")
+    assert rec[-1] < 0.7 * rec[0], rec
+    config = json.loads((out / "vae" / "config.json").read_text())
+    images, _ = ShapesDataset(64, seed=0).tensors()  # the training images
+    with torch.no_grad():
+        z = vae.encode(shapes.to_model_range(images)).latent_dist.sample(torch.Generator().manual_seed(1))
+    # 1 / std of latents z ~ q(z | x): another draw of the noise gives nearly the same number
+    assert config["scaling_factor"] == pytest.approx(1 / z.std().item(), rel=0.05)
+    assert config["scaling_factor"] != train_vae.VAE_CONFIG["scaling_factor"]
+
+
+def test_ddpm_loop_learns_and_writes_a_pipeline_folder(tmp_path):
+    train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path), "--steps", "30", "--batch-size", "16",
+                           "--lr", "3e-3"), TINY_DDPM)
+    loss = losses(tmp_path)
+    assert loss[-1] < 0.7 * loss[0], loss
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
+    from minidiff.pipelines.base import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+
+
+def test_sd_loop_learns_and_writes_a_pipeline_folder(tmp_path, trained_vae):
+    vae_dir, _ = trained_vae
+    train_sd.train(parse(train_sd, "--out", str(tmp_path), "--vae", str(vae_dir / "vae"), "--steps", "30",
+                         "--batch-size", "16", "--lr", "3e-3"), TINY_UNET, TINY_TEXT)
+    loss = losses(tmp_path)
+    assert loss[-1] < 0.7 * loss[0], loss
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tmp_path / sub).is_dir(), sub
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    from minidiff.pipelines.base import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_text_encoder_keeps_its_random_weights(tmp_path, trained_vae, frozen):
+    vae_dir, _ = trained_vae
+    models = {}
+    for steps in ("0", "3"):
+        argv = ["--out", str(tmp_path / steps), "--vae", str(vae_dir / "vae"), "--steps", steps, "--batch-size", "4",
+                "--ema-decay", "0"] + (["--freeze-text-encoder"] if frozen else [])
+        models[steps] = train_sd.train(parse(train_sd, *argv), TINY_UNET, TINY_TEXT)
+    (unet_0, text_0), (unet_3, text_3) = models["0"], models["3"]
+    assert not torch.equal(unet_0.conv_in.weight, unet_3.conv_in.weight)
+    same = [torch.equal(a, b) for a, b in zip(text_0.state_dict().values(), text_3.state_dict().values())]
+    assert all(same) if frozen else not all(same)
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ["--batch-size", "4", "--lr", "3e-3", "--save-every", "2"]
+    straight = train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "a"), "--steps", "4", *common), TINY_DDPM)
+    train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "b"), "--steps", "2", *common), TINY_DDPM)
+    resumed = train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "b"), "--steps", "4", "--resume", *common),
+                               TINY_DDPM)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")  # b also logged its last step before the break
+    assert a[0] == b[0] and a[-1] == b[-1] and len(b) == len(a) + 1
+    with pytest.raises(FileNotFoundError, match="training state"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "c"), "--resume", *common), TINY_DDPM)
+
+
+def test_init_starts_from_saved_weights(tmp_path):
+    first = train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "a"), "--steps", "2", "--batch-size", "4"),
+                             TINY_DDPM)
+    again = train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"),
+                                   "--steps", "1", "--batch-size", "4", "--lr", "0"), TINY_DDPM)
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_command_line_names_its_commands(capsys):
+    from minidiff.training.__main__ import main
+
+    with pytest.raises(SystemExit, match="expected a COMMAND, found 'train'"):
+        main(["train"])
