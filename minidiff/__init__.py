@@ -20,3 +20,5 @@ from .schedulers.unipc_multistep import UniPCMultistepScheduler
 
 from .pipelines import (DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, Intermediates,
                         StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+
+from . import checkpoints  # minidiff.checkpoints.TINY_SD / TINY_DDPM: the bundled folders

@@ -7,7 +7,8 @@
 #
 # tiny-ddpm trains alongside the two tiny-sd stages (VAE, then UNet + text encoder): models this small
 # leave most of a GPU idle. Each stage stops at --max-minutes and saves the EMA of its weights. A second
-# tiny-sd whose text encoder stays random (--freeze-text-encoder) trains beside the first, to compare.
+# tiny-sd whose text encoder stays random (--freeze-text-encoder) trains beside the first, to compare:
+# the bundled tiny-sd is runs/tiny-sd-frozen (it scored better), the bundled tiny-ddpm runs2/tiny-ddpm-2.
 # On a CPU: DEVICE=cpu, no bf16 speed-up, and expect hours for the same number of steps.
 set -u
 RUNS=${1:-runs}

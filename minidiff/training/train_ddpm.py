@@ -79,6 +79,7 @@ def train(args, unet_config: dict = UNET_CONFIG) -> UNet2DModel:
     log = LossLog(args.out, args.resume)
 
     start = time.time() - seconds
+    done = step
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm")
     for step in bar:
         for group in optimizer.param_groups:
@@ -102,11 +103,11 @@ def train(args, unet_config: dict = UNET_CONFIG) -> UNet2DModel:
         optimizer.step()
         ema_update(ema, unet, args.ema_decay)
 
-        if step % 50 == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step, time.time() - start, loss=loss.item())
         done = step + 1
         out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
+        if step % 50 == 0 or done == args.steps or out_of_time:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(step, time.time() - start, loss=loss.item())
         if done % args.save_every == 0 or done == args.steps or out_of_time:
             save_state(args.out, done, {"unet": unet, "ema": ema}, optimizer, generator, time.time() - start)
         if out_of_time:
@@ -122,7 +123,7 @@ def train(args, unet_config: dict = UNET_CONFIG) -> UNet2DModel:
         "scheduler": ["diffusers", "DDPMScheduler"],
         "unet": ["diffusers", "UNet2DModel"],
     })
-    print(f"ddpm: {step + 1} steps in {time.time() - start:.0f} s, saved to {args.out}")
+    print(f"ddpm: {done} steps in {time.time() - start:.0f} s, saved to {args.out}")
     return ema
 
 

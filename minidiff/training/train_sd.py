@@ -16,8 +16,9 @@ to also predict without a caption: 10% of the captions are replaced by the empty
 the pipeline feeds as the negative prompt. At sampling time eps = eps(z, "") + w (eps(z, c) - eps(z, "")).
 
 The text encoder is a small `transformers.CLIPTextModel`, trained together with the UNet from scratch
-(SD keeps OpenAI's CLIP frozen; ours has only the captions to learn from). `--freeze-text-encoder`
-keeps it at its random initial weights instead, to compare.
+(SD keeps OpenAI's CLIP frozen; ours has only the captions to learn from), or, with
+`--freeze-text-encoder`, kept at its random initial weights: a random encoder still gives every word its
+own vector. The bundled tiny-sd was trained frozen, which scored better in a short training (its README).
 
 The output folder is a complete `StableDiffusionPipeline` folder: model_index.json, unet/, vae/,
 text_encoder/, tokenizer/, scheduler/ (PNDM with SD's scaled-linear betas, as in SD v1).
@@ -168,6 +169,7 @@ def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEX
 
     start = time.time() - seconds
     B = args.batch_size
+    done = step
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="sd")
     for step in bar:
         for group in optimizer.param_groups:
@@ -197,11 +199,11 @@ def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEX
         if not args.freeze_text_encoder:
             ema_update(ema_text, text_encoder, args.ema_decay)
 
-        if step % 50 == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step, time.time() - start, loss=loss.item())
         done = step + 1
         out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
+        if step % 50 == 0 or done == args.steps or out_of_time:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(step, time.time() - start, loss=loss.item())
         if done % args.save_every == 0 or done == args.steps or out_of_time:
             save_state(args.out, done, modules, optimizer, generator, time.time() - start)
         if out_of_time:
@@ -216,7 +218,7 @@ def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEX
     os.makedirs(os.path.join(args.out, "scheduler"), exist_ok=True)
     write_json(os.path.join(args.out, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
     write_json(os.path.join(args.out, "model_index.json"), MODEL_INDEX)
-    print(f"sd: {step + 1} steps in {time.time() - start:.0f} s, saved to {args.out}")
+    print(f"sd: {done} steps in {time.time() - start:.0f} s, saved to {args.out}")
     return ema_unet, ema_text
 
 

@@ -81,6 +81,7 @@ def train(args, vae_config: dict = VAE_CONFIG) -> AutoencoderKL:
     log = LossLog(args.out, args.resume, columns=("loss", "rec", "kl"))
 
     start = time.time() - seconds
+    done = step
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="vae")
     for step in bar:
         for group in optimizer.param_groups:
@@ -106,11 +107,11 @@ def train(args, vae_config: dict = VAE_CONFIG) -> AutoencoderKL:
         optimizer.step()
         ema_update(ema, vae, args.ema_decay)
 
-        if step % 50 == 0 or step == args.steps - 1:
-            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
-            log.write(step, time.time() - start, loss=loss.item(), rec=rec.item(), kl=kl.item())
         done = step + 1
         out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
+        if step % 50 == 0 or done == args.steps or out_of_time:
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+            log.write(step, time.time() - start, loss=loss.item(), rec=rec.item(), kl=kl.item())
         if done % args.save_every == 0 or done == args.steps or out_of_time:
             save_state(args.out, done, {"vae": vae, "ema": ema}, optimizer, generator, time.time() - start)
         if out_of_time:
@@ -122,7 +123,7 @@ def train(args, vae_config: dict = VAE_CONFIG) -> AutoencoderKL:
     scaling_factor = measure_scaling_factor(ema, images[:10_000], generator)
     ema.config = dataclasses.replace(ema.config, scaling_factor=round(scaling_factor, 5))
     ema.save_pretrained(os.path.join(args.out, "vae"))
-    print(f"vae: {step + 1} steps in {time.time() - start:.0f} s, scaling_factor = {scaling_factor:.5f}, "
+    print(f"vae: {done} steps in {time.time() - start:.0f} s, scaling_factor = {scaling_factor:.5f}, "
           f"saved to {os.path.join(args.out, 'vae')}")
     return ema
 

@@ -1,0 +1,135 @@
+"""The bundled tiny checkpoints: they load by name in minidiff and as folders in diffusers, give the same
+images in both, and draw what they are asked for."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import minidiff
+from minidiff.checkpoints import TINY_DDPM, TINY_SD
+from minidiff.training import evaluate
+from minidiff.training.shapes import ShapesDataset, to_model_range
+from minidiff.training.tokenizer import write_tokenizer
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small run fastest on one CPU thread, and do not stall when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def files_under(folder):
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+
+
+def test_bundled_folders_are_small_and_safetensors():
+    files = files_under(TINY_SD) + files_under(TINY_DDPM)
+    total = sum(os.path.getsize(f) for f in files)
+    assert total < 25 * MB, f"{total / MB:.1f} MB"
+    weights = [f for f in files if f.endswith((".safetensors", ".bin", ".pt", ".ckpt"))]
+    assert weights and all(f.endswith(".safetensors") for f in weights), weights
+    for folder, parts in ((TINY_SD, ("unet", "vae", "text_encoder", "tokenizer", "scheduler")),
+                          (TINY_DDPM, ("unet", "scheduler"))):
+        index = json.load(open(os.path.join(folder, "model_index.json")))
+        assert all(index[p][0] in ("diffusers", "transformers") for p in parts)
+        assert os.path.isfile(os.path.join(folder, "README.md"))
+    index = json.load(open(os.path.join(TINY_SD, "model_index.json")))
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    assert index["requires_safety_checker"] is False
+
+
+def test_components_load_by_bare_name():
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = minidiff.UNet2DConditionModel.from_pretrained("tiny-sd", subfolder="unet")
+    vae = minidiff.AutoencoderKL.from_pretrained("tiny-sd", subfolder="vae")
+    scheduler = minidiff.PNDMScheduler.from_pretrained("tiny-sd", subfolder="scheduler")
+    text_encoder = CLIPTextModel.from_pretrained(TINY_SD, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_SD, subfolder="tokenizer")
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    assert unet.config.sample_size * 8 == vae.config.sample_size == 64
+    assert text_encoder.config.vocab_size == len(tokenizer) and tokenizer.model_max_length == 77
+    assert text_encoder.config.eos_token_id == tokenizer.eos_token_id
+    assert scheduler.config.beta_schedule == "scaled_linear"
+
+    ddpm_unet = minidiff.UNet2DModel.from_pretrained("tiny-ddpm", subfolder="unet")
+    ddpm_scheduler = minidiff.DDPMScheduler.from_pretrained("tiny-ddpm", subfolder="scheduler")
+    assert ddpm_unet.config.sample_size == 32 and ddpm_scheduler.config.num_train_timesteps == 1000
+
+
+def test_tokenizer_files_are_what_the_script_writes(tmp_path):
+    write_tokenizer(str(tmp_path))
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        with open(os.path.join(TINY_SD, "tokenizer", name), encoding="utf-8") as bundled:
+            assert bundled.read() == (tmp_path / name).read_text(encoding="utf-8"), name
+
+
+def test_vae_reconstructs_and_its_scaling_factor_was_measured():
+    vae = minidiff.AutoencoderKL.from_pretrained("tiny-sd", subfolder="vae")
+    images, _ = ShapesDataset(128, seed=2024).tensors()
+    x = to_model_range(images)
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(torch.Generator().manual_seed(0))
+        x_rec = vae.decode(posterior.mean).sample
+    # SD's rule: scaling_factor = 1 / std of the latents, so the UNet sees unit variance
+    assert vae.config.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.05)
+    assert (x_rec - x).pow(2).mean() < 0.02  # in [-1, 1] (0.0115 measured): the shapes come back
+
+
+@pytest.fixture(scope="module")
+def sd_pipelines():
+    diffusers = pytest.importorskip("diffusers")
+    ours = minidiff.DiffusionPipeline.from_pretrained("tiny-sd")
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(TINY_SD)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def test_minidiff_and_diffusers_draw_the_same_image(sd_pipelines):
+    ours, theirs = sd_pipelines
+    assert isinstance(ours, minidiff.StableDiffusionPipeline)
+    prompts = ["a red circle", "a small blue diamond at the top left on a gray background"]
+    images = []
+    for pipe in (ours, theirs):
+        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        images.append(pipe(prompts, num_inference_steps=25, guidance_scale=7.5, generator=generators,
+                           output_type="np").images)
+    assert images[0].shape == (2, 64, 64, 3)
+    assert np.abs(images[0] - images[1]).max() <= 2 / 255
+
+
+def test_tiny_sd_draws_the_prompt(sd_pipelines):
+    ours, _ = sd_pipelines
+    asked = [("red", "circle"), ("yellow", "square"), ("green", "triangle"), ("blue", "diamond"),
+             ("cyan", "circle"), ("purple", "triangle")]
+    generators = [torch.Generator().manual_seed(100 + i) for i in range(len(asked))]
+    images = ours([f"a {c} {s}" for c, s in asked], num_inference_steps=25, guidance_scale=7.5,
+                  generator=generators).images
+    found = [evaluate.analyse(image) for image in images]
+    colors = sum(a.color == c for a, (c, _) in zip(found, asked))
+    shapes = sum(a.shape == s for a, (_, s) in zip(found, asked))
+    assert colors >= 5 and shapes >= 4, [(a.color, a.shape) for a in found]
+
+
+def test_tiny_ddpm_minidiff_and_diffusers_agree():
+    diffusers = pytest.importorskip("diffusers")
+    ours = minidiff.DiffusionPipeline.from_pretrained("tiny-ddpm")
+    theirs = diffusers.DDPMPipeline.from_pretrained(TINY_DDPM)
+    assert isinstance(ours, minidiff.DDPMPipeline)
+    images = []
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+        generators = [torch.Generator().manual_seed(i) for i in range(2)]
+        images.append(pipe(batch_size=2, num_inference_steps=20, generator=generators, output_type="np").images)
+    assert images[0].shape == (2, 32, 32, 3)
+    assert np.abs(images[0] - images[1]).max() <= 2 / 255
