@@ -176,8 +176,8 @@ def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEX
             group["lr"] = args.lr * warmup_lr(step, args.warmup)
         # 3. z_0 ~ q(z | x), scaled to unit variance
         idx = torch.randint(len(tokens), (B,), generator=generator, device=device)
-        noise = torch.randn(latent_mean[idx].shape, generator=generator, device=device)
-        z0 = scaling_factor * (latent_mean[idx] + latent_std[idx] * noise)         # (B, 4, 8, 8)
+        mean, std = latent_mean[idx], latent_std[idx]                               # (B, 4, 8, 8) each
+        z0 = scaling_factor * (mean + std * torch.randn(mean.shape, generator=generator, device=device))
         # 4. the captions, 10% of them replaced by "" (for classifier-free guidance)
         drop = torch.rand(B, generator=generator, device=device) < args.caption_dropout
         ids = torch.where(drop[:, None], empty, tokens[idx])                        # (B, 77)
