@@ -158,8 +158,31 @@ def choose() -> CourseSetup:
     return CourseSetup(models=models, device=device, dtype=dtype, ddpm=ddpm, sd=sd, reasons=tuple(reasons))
 
 
+def quiet_weight_loading_bars() -> None:
+    """Hide transformers' "Loading weights" bar (one per text-encoder load, a widget in every notebook);
+    download progress bars stay. Needs transformers' `set_tqdm_hook` (5.x); a no-op without it."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    set_hook = getattr(transformers_logging, "set_tqdm_hook", None)
+    if set_hook is None:
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    set_hook(hook)
+
+
 def setup() -> CourseSetup:
-    """Choose models, device and dtype from the environment, print the choice and the reasons, return it."""
+    """Choose models, device and dtype from the environment, print the choice and the reasons, return it.
+
+    Also hides transformers' per-load progress bar (`quiet_weight_loading_bars`), to keep notebooks short.
+    """
     chosen = choose()
     print(chosen.describe())
+    quiet_weight_loading_bars()
     return chosen

@@ -307,14 +307,17 @@ SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's c
 
 
 @torch.no_grad()
-def fit_latent_rgb_to_vae(vae, size: int | None = None, photos=SAMPLE_PHOTOS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The linear preview for any VAE: encode scikit-image's sample photos, scale, and `fit_latent_rgb`.
+def fit_latent_rgb_to_vae(vae, images: torch.Tensor | None = None, size: int | None = None,
+                          photos=SAMPLE_PHOTOS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear preview for any VAE: encode `images` (N, 3, H, W) in [-1, 1], scale, and `fit_latent_rgb`.
 
-    `size`: the photos' side in pixels (default: the VAE's `sample_size`). Returns factors (C, 3), bias (3,).
+    Without `images`, scikit-image's sample photos at `size` pixels (default: the VAE's `sample_size`).
+    Fit on images like the ones the VAE was trained on. Returns factors (C, 3), bias (3,).
     """
-    size = size or vae.config.sample_size
-    images = torch.cat([sample_photo(name, size) for name in photos])                # (N, 3, size, size)
-    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()        # (N, C, size/8, size/8)
+    if images is None:
+        size = size or vae.config.sample_size
+        images = torch.cat([sample_photo(name, size) for name in photos])            # (N, 3, size, size)
+    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()        # (N, C, H/8, W/8)
     return fit_latent_rgb(latents * vae.config.scaling_factor, images)
 
 
@@ -462,20 +465,28 @@ def timestep_slider(frames, timesteps, value_range=(-1, 1), side: int = 192, sta
     return widgets.VBox([slider, label, view])
 
 
-def make_gif(frames, value_range=(-1, 1), side: int = 128, duration_ms: int = 150, hold_last_ms: int = 1000) -> bytes:
-    """An animated GIF (bytes) of the frames at `side` pixels, looping, the last frame held a little longer."""
-    images = [Image.fromarray(to_uint8(image, side)) for image in to_images(frames, value_range)]
+def make_gif(frames, value_range=(-1, 1), side: int = 128, duration_ms: int = 150, hold_last_ms: int = 1000,
+             max_frames: int = 16, colors: int = 64) -> bytes:
+    """An animated GIF (bytes) of the frames at `side` pixels, looping, the last frame held a little longer.
+
+    At most `max_frames` frames (spread evenly, first and last kept) of `colors` colours each, without
+    dithering: a few tens of kB, small enough to commit inside a notebook.
+    """
+    images = to_images(frames, value_range)
+    images = [images[i] for i in pick_steps(len(images), max_frames)]
+    images = [Image.fromarray(to_uint8(image, side)).quantize(colors=colors, dither=Image.Dither.NONE)
+              for image in images]
     durations = [duration_ms] * (len(images) - 1) + [hold_last_ms]
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
     return buffer.getvalue()
 
 
-def show_gif(frames, value_range=(-1, 1), side: int = 128, duration_ms: int = 150):
+def show_gif(frames, value_range=(-1, 1), side: int = 128, duration_ms: int = 150, max_frames: int = 16):
     """The GIF of `make_gif`, ready to display in a notebook (an `IPython.display.Image`)."""
     from IPython.display import Image as IPythonImage
 
-    return IPythonImage(data=make_gif(frames, value_range, side, duration_ms), format="gif")
+    return IPythonImage(data=make_gif(frames, value_range, side, duration_ms, max_frames=max_frames), format="gif")
 
 
 def animation_html(frames, timesteps, value_range=(-1, 1), panel: float = 2.0, interval_ms: int = 150) -> str:

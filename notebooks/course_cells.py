@@ -61,7 +61,7 @@ notebook(
 
         ddpm = DDPMPipeline.from_pretrained(setup.ddpm).to(setup.device, setup.dtype)
         ddpm.set_progress_bar_config(disable=True)
-        ddpm_steps = setup.pick(tiny=50, hub=1000)
+        ddpm_steps = 1000                              # DDPM: one step per training timestep
         images = ddpm(batch_size=4, generator=setup.generator(0), num_inference_steps=ddpm_steps).images
         viz.image_grid(images, titles=[f"seed 0, image {i}" for i in range(4)]);
         """),
@@ -82,7 +82,8 @@ notebook(
         Stable Diffusion adds a text encoder (CLIP) that turns the prompt into numbers, and a VAE: the
         diffusion runs on a small *latent* image that the VAE's decoder turns into pixels at the end.
         The tiny checkpoint was trained on pictures of coloured shapes, so it understands prompts like
-        "a large red circle"; the real one understands almost anything.
+        "a large red circle"; the real one understands almost anything. The guidance scale says how hard
+        the prompt pulls: about 3 suits the tiny model, 7.5 is Stable Diffusion's default.
         """),
         (CODE, """
         from minidiff.pipelines import StableDiffusionPipeline
@@ -92,7 +93,9 @@ notebook(
         sd.set_progress_bar_config(disable=True)
         prompt = setup.pick(tiny="a large red circle on a white background",
                             hub="a photograph of an astronaut riding a horse")
-        image = sd(prompt, num_inference_steps=setup.pick(tiny=20, hub=25), generator=setup.generator(0)).images[0]
+        guidance = setup.pick(tiny=3.0, hub=7.5)   # how strongly the prompt steers (notebook 06)
+        image = sd(prompt, num_inference_steps=setup.pick(tiny=20, hub=25), guidance_scale=guidance,
+                   generator=setup.generator(0)).images[0]
         viz.image_grid([image], titles=[prompt], panel=2.6);
         """),
         (CODE, """
@@ -159,7 +162,7 @@ notebook(
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
-        num_steps = setup.pick(tiny=50, hub=1000)
+        num_steps = scheduler.config.num_train_timesteps   # DDPM takes every one of them
         scheduler.set_timesteps(num_steps)
         print(scheduler.timesteps.shape, scheduler.timesteps.dtype)
         print("first:", scheduler.timesteps[:5].tolist(), " last:", scheduler.timesteps[-5:].tolist())
@@ -329,6 +332,16 @@ notebook(
         num_steps = setup.pick(tiny=20, hub=50)
         viz.plot_timesteps(samplers, num_steps);
         """),
+        (MD, """
+        The same steps as noise levels (`minidiff.schedulers.compare`): ᾱ, log SNR and σ at each step. The
+        Euler-type and multistep samplers start at t = T-1, the others a little lower; PNDM spends its first
+        calls on a Runge-Kutta warm-up.
+        """),
+        (CODE, """
+        from minidiff.schedulers import compare
+
+        compare.plot_schedules(scheduler.config, [type(s) for s in samplers.values()], num_steps);
+        """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
         for name, s in samplers.items():
@@ -348,6 +361,21 @@ notebook(
             sampler_pipe.set_progress_bar_config(disable=True)
             images.append(sampler_pipe(generator=setup.generator(0), num_inference_steps=num_steps).images[0])
         viz.image_grid(images, titles=list(samplers), ncols=7);
+        """),
+        (MD, """
+        Where a sampler gives noise, look at `clip_sample`: DDPM's and DDIM's configs set it, so at every step
+        they clip the predicted x0 to the image range [-1, 1]. The other samplers never clip. A model's small
+        errors in ε become large errors in x0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t) where ᾱ_t is tiny
+        (1 / sqrt(ᾱ_999) ≈ 157 for this schedule); clipping hides them, the other samplers carry them on.
+        A briefly trained model like the tiny one needs the clipping; DDIM without it shows the difference:
+        """),
+        (CODE, """
+        images = []
+        for clip in (True, False):
+            ddim = DDPMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(scheduler.config, clip_sample=clip))
+            ddim.set_progress_bar_config(disable=True)
+            images.append(ddim(generator=setup.generator(0), num_inference_steps=num_steps).images[0])
+        viz.image_grid(images, titles=["DDIM, clip_sample=True", "clip_sample=False"], panel=1.8);
         """),
     ],
     ["Noise the photo at t = T/2 with ten different noise draws and average them. What do you get, and why (hint: E[x_t] = sqrt(ᾱ_t) x_0)?",
@@ -637,30 +665,40 @@ notebook(
         ## 4. Decode, and what was lost
 
         The VAE is trained to reconstruct, but compressing 48x loses fine detail: small text and faces are
-        where SD v1's VAE is known to struggle.
+        where SD v1's VAE is known to struggle. And a VAE only reconstructs what resembles its training
+        data: the tiny one saw nothing but flat shapes (`minidiff.training.shapes`), so we decode one of
+        those beside the photo.
         """),
         (CODE, """
+        from minidiff.training import shapes
+
+        drawn = shapes.to_model_range(shapes.ShapesDataset(4, seed=1, resolution=size).tensors()[0])  # (4, 3, H, W)
+        pair = torch.cat([photo, drawn[:1].to(setup.device, setup.dtype)])                             # (2, 3, H, W)
         with torch.no_grad():
-            recon = vae.decode(z).sample                                   # (1, 3, H, W) in about [-1, 1]
-        error = (recon - photo).abs().mean(dim=1)                          # (1, H, W)
-        mse = ((recon.clamp(-1, 1) - photo) / 2).float().pow(2).mean()
-        print(f"PSNR: {10 * torch.log10(1 / mse):.1f} dB")
-        viz.image_grid([photo[0], recon[0], error[0] * 2 - 1], titles=["photo", "reconstruction", "|error|"], panel=2.0);
+            recon = vae.decode(vae.encode(pair).latent_dist.mode()).sample  # (2, 3, H, W) in about [-1, 1]
+        error = (recon - pair).abs().mean(dim=1)                            # (2, H, W)
+        for name, x, y in zip(["photo", "shape"], pair, recon):
+            mse = ((y.clamp(-1, 1) - x) / 2).float().pow(2).mean()
+            print(f"{name}: PSNR {10 * torch.log10(1 / mse):.1f} dB")
+        viz.image_grid([pair[0], recon[0], error[0] * 2 - 1, pair[1], recon[1], error[1] * 2 - 1], ncols=3,
+                       titles=["photo", "reconstruction", "|error|", "shape", "reconstruction", "|error|"]);
         """),
         (MD, """
         ## 5. Looking at latents without the decoder
 
         Decoding costs a large network. For watching a sampler at work a linear map from the 4 channels to
         RGB is good enough. For SD v1 the community measured one (`viz.SD_V1_LATENT_RGB`); for any other VAE,
-        such as the tiny one, we fit our own by least squares: encode a few photos, shrink them to the
-        latent size and solve `[latent, 1] @ W = rgb`.
+        such as the tiny one, we fit our own by least squares: encode a few images like the VAE's training
+        data (photos for SD, shapes for the tiny one), shrink them to the latent size and solve
+        `[latent, 1] @ W = rgb`.
         """),
         (CODE, """
         photos = torch.cat([viz.sample_photo(name, size) for name in viz.SAMPLE_PHOTOS])   # (4, 3, H, W)
+        examples = setup.pick(tiny=drawn, hub=photos)
         with torch.no_grad():
-            latents = vae.encode(photos.to(setup.device, setup.dtype)).latent_dist.mode() * sf   # (4, 4, h, w)
-        factors, bias = viz.fit_latent_rgb(latents, photos)
-        same_factors, same_bias = viz.fit_latent_rgb_to_vae(vae, size)       # the library's one-liner
+            latents = vae.encode(examples.to(setup.device, setup.dtype)).latent_dist.mode() * sf   # (4, 4, h, w)
+        factors, bias = viz.fit_latent_rgb(latents, examples)
+        same_factors, same_bias = viz.fit_latent_rgb_to_vae(vae, examples)   # the library's one-liner
         assert torch.allclose(factors, same_factors, atol=1e-4) and torch.allclose(bias, same_bias, atol=1e-4)
         print("fitted factors (rows: latent channels; columns: R, G, B):")
         print(factors.numpy().round(3), "\\nbias:", bias.numpy().round(3))
@@ -670,11 +708,11 @@ notebook(
         (CODE, """
         fitted = viz.latents_to_rgb(latents, factors, bias)               # (4, 3, h, w) in [0, 1]
         published = viz.latents_to_rgb(latents)                           # SD v1's matrix
-        viz.image_grid(list((photos + 1) / 2) + list(fitted) + list(published), ncols=4, value_range=(0, 1),
-                       titles=["photo"] * 4 + ["fitted preview"] * 4 + ["SD v1 matrix"] * 4);
+        viz.image_grid(list((examples + 1) / 2) + list(fitted) + list(published), ncols=4, value_range=(0, 1),
+                       titles=["image"] * 4 + ["fitted preview"] * 4 + ["SD v1 matrix"] * 4);
         """),
         (MD, """
-        The fitted map reproduces the colours of each photo at the latent resolution. The published matrix
+        The fitted map reproduces the colours of each image at the latent resolution. The published matrix
         only fits the VAE it was measured on: with the real SD v1 VAE both rows look alike, with another VAE
         the colours are wrong.
         """),
@@ -857,7 +895,7 @@ notebook(
         f = 2 ** (len(vae.config.block_out_channels) - 1)       # 8 pixels per latent
         height = width = unet.config.sample_size * f             # 512 for SD v1
         num_inference_steps = setup.pick(tiny=20, hub=25)
-        guidance_scale = 7.5
+        guidance_scale = setup.pick(tiny=3.0, hub=7.5)
         batch_size = len(prompt)
         print(f"{height}x{width} pixels -> latents {height // f}x{width // f}; {num_inference_steps} steps; w = {guidance_scale}")
         """),
@@ -945,33 +983,46 @@ notebook(
                        panel=2.4);
         """),
         (MD, """
-        ## 6. The latents at every timestep
+        ## 6. The predicted x0 at every step, decoded
 
-        Rows are timesteps (noisiest at the top), columns the four latent channels (blue negative, red
-        positive), and last a linear RGB preview (notebook 05) fitted to this VAE.
+        The VAE's decoder turns each step's predicted clean latent into an image: where the model thinks the
+        picture is going.
         """),
         (CODE, """
         timesteps = scheduler.timesteps.tolist()
-        factors, bias = viz.fit_latent_rgb_to_vae(vae)
-        viz.latent_channels_grid(all_latents, timesteps, num_rows=5, rgb_factors=factors, rgb_bias=bias);
-        """),
-        (MD, """
-        The preview of z_t stays noisy until the end, while the predicted x0, previewed or decoded by the
-        VAE, shows the composition after a few steps and then refines it.
-        """),
-        (CODE, """
         x0_decoded = []
         with torch.no_grad():
             for x0 in all_x0:
                 decoded = vae.decode(x0[None].to(setup.device, setup.dtype) / vae.config.scaling_factor).sample
                 x0_decoded.append(((decoded[0] / 2 + 0.5).clamp(0, 1)).float().cpu())          # (3, H, W) in [0, 1]
+        """),
+        (MD, """
+        ## 7. The latents at every timestep
+
+        Rows are timesteps (noisiest at the top), columns the four latent channels (blue negative, red
+        positive), and last a cheap RGB preview: a linear map from the 4 channels to RGB (notebook 05). For
+        SD v1 we use the published matrix; for the tiny model we fit one by least squares on this run's own
+        pairs of (predicted latent, decoded image), i.e. the best linear stand-in for the decoder.
+        """),
+        (CODE, """
+        if setup.tiny:
+            factors, bias = viz.fit_latent_rgb(torch.stack(all_x0), torch.stack(x0_decoded) * 2 - 1)
+        else:
+            factors, bias = viz.SD_V1_LATENT_RGB, None
+        viz.latent_channels_grid(all_latents, timesteps, num_rows=5, rgb_factors=factors, rgb_bias=bias);
+        """),
+        (MD, """
+        The preview of z_t stays noisy until the end, while the predicted x0, previewed or decoded, shows the
+        composition after a few steps and then refines it.
+        """),
+        (CODE, """
         z_preview = viz.latents_to_rgb(torch.stack(all_latents), factors, bias)                  # (S, 3, h, w)
         x0_preview = viz.latents_to_rgb(torch.stack(all_x0), factors, bias)
         viz.steps_grid({"z_t preview": z_preview, "x0 preview": x0_preview, "x0 decoded": x0_decoded},
                        timesteps, num_cols=6, value_range=(0, 1));
         """),
         (MD, """
-        ## 7. Scrub through the timesteps
+        ## 8. Scrub through the timesteps
 
         Drag the slider (in Jupyter; where widgets cannot be shown, e.g. on GitHub, a static strip is drawn
         instead).
@@ -980,9 +1031,9 @@ notebook(
         viz.timestep_slider(x0_decoded, timesteps, value_range=(0, 1))
         """),
         (MD, """
-        ## 8. An animation
+        ## 9. An animation
 
-        The decoded x0 at every step, as a looping GIF.
+        The decoded x0 of the steps, as a looping GIF (at most 16 frames, to stay small).
         """),
         (CODE, """
         viz.show_gif(x0_decoded, value_range=(0, 1), side=128)
@@ -1013,7 +1064,7 @@ notebook(
                                                        safety_checker=None, feature_extractor=None).to(setup.device)
         pipe.set_progress_bar_config(disable=True)
         prompt = setup.pick(tiny="a large circle", hub="a photograph of a cat sitting on a sofa")
-        steps = setup.pick(tiny=20, hub=25)
+        steps, guidance = setup.pick(tiny=20, hub=25), setup.pick(tiny=3.0, hub=7.5)
         tolerance = setup.pick(tiny=1e-4, hub=2e-2)   # batched and single runs may round differently in float16
         """),
         (MD, """
@@ -1025,7 +1076,7 @@ notebook(
         (CODE, """
         seeds = [0, 1, 2, 3]
         batch = pipe([prompt] * 4, generator=[setup.generator(s) for s in seeds], num_inference_steps=steps,
-                     output_type="pt").images                                           # (4, 3, H, W) in [0, 1]
+                     guidance_scale=guidance, output_type="pt").images                                           # (4, 3, H, W) in [0, 1]
         viz.image_grid(batch, titles=[f"seed {s}" for s in seeds], value_range=(0, 1));
         """),
         (MD, """
@@ -1034,7 +1085,8 @@ notebook(
         (CODE, """
         # NBVAL_CHECK_OUTPUT
         pick = 2
-        alone = pipe(prompt, generator=setup.generator(seeds[pick]), num_inference_steps=steps, output_type="pt").images
+        alone = pipe(prompt, generator=setup.generator(seeds[pick]), num_inference_steps=steps, guidance_scale=guidance,
+                     output_type="pt").images
         assert torch.allclose(batch[pick], alone[0], atol=tolerance), (batch[pick] - alone[0]).abs().max()
         print(f"image {pick} of the batch == the image made alone with seed {seeds[pick]}")
         """),
@@ -1043,7 +1095,8 @@ notebook(
         stream: it depends on the batch size and position, and cannot be made alone with any seed.
         """),
         (CODE, """
-        one_gen = pipe([prompt] * 4, generator=setup.generator(0), num_inference_steps=steps, output_type="pt").images
+        one_gen = pipe([prompt] * 4, generator=setup.generator(0), num_inference_steps=steps, guidance_scale=guidance,
+                       output_type="pt").images
         print(f"largest pixel difference to the image made alone: {(one_gen[pick] - alone[0]).abs().max():.2f}")
         viz.image_grid([one_gen[pick], alone[0]], titles=["batch, one generator", f"alone, seed {seeds[pick]}"],
                        value_range=(0, 1));
@@ -1061,7 +1114,8 @@ notebook(
             hub=["a photograph of a cat sitting on a sofa", "a photograph of a ginger cat sitting on a sofa",
                  "a photograph of a ginger cat wearing a hat, sitting on a sofa",
                  "an oil painting of a ginger cat wearing a hat, sitting on a sofa"])
-        refined = [pipe(p, generator=setup.generator(seeds[pick]), num_inference_steps=steps).images[0] for p in prompts]
+        refined = [pipe(p, generator=setup.generator(seeds[pick]), num_inference_steps=steps, guidance_scale=guidance).images[0]
+                   for p in prompts]
         viz.image_grid(refined, titles=[p[-28:] for p in prompts]);
         """),
         (MD, """
@@ -1076,7 +1130,7 @@ notebook(
 
         h = w = pipe.unet.config.sample_size
         z_T = randn_tensor((1, 4, h, w), generator=setup.generator(seeds[pick]), device=setup.device, dtype=setup.dtype)
-        mine = pipe(prompt, latents=z_T, num_inference_steps=steps, output_type="pt").images
+        mine = pipe(prompt, latents=z_T, num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images
         assert torch.allclose(mine, alone, atol=tolerance)
         print("initial latents:", tuple(z_T.shape), "-> the same image as seed", seeds[pick])
         """),
@@ -1108,7 +1162,7 @@ notebook(
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         init = (viz.sample_photo("chelsea", size) + 1) / 2                         # (1, 3, H, W) in [0, 1]
         prompt = setup.pick(tiny="a large yellow circle on a gray background", hub="a watercolor painting of a tiger")
-        steps = setup.pick(tiny=20, hub=25)
+        steps, guidance = setup.pick(tiny=20, hub=25), setup.pick(tiny=3.0, hub=7.5)
         viz.image_grid(init, titles=["input"], value_range=(0, 1), panel=2.0);
         """),
         (MD, """
@@ -1128,7 +1182,8 @@ notebook(
         ## 2. A strength sweep
         """),
         (CODE, """
-        images = [pipe(prompt, init, strength=s, num_inference_steps=steps, generator=setup.generator(0)).images[0]
+        images = [pipe(prompt, init, strength=s, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=setup.generator(0)).images[0]
                   for s in strengths]
         viz.image_grid([init[0] * 2 - 1] + images, titles=["input"] + [f"strength {s}" for s in strengths]);
         """),
@@ -1144,8 +1199,8 @@ notebook(
         from minidiff.utils import randn_tensor
 
         strength = 0.6
-        out = pipe(prompt, init, strength=strength, num_inference_steps=steps, generator=setup.generator(0),
-                   return_intermediates=True)
+        out = pipe(prompt, init, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=setup.generator(0), return_intermediates=True)
         steps_run = int(steps * strength)
         t_start = pipe.scheduler.timesteps[(steps - steps_run) * pipe.scheduler.order]
 
@@ -1166,12 +1221,17 @@ notebook(
         (CODE, """
         inter = out.intermediates
         timesteps = [int(t) for t in inter.timesteps]
-        factors, bias = viz.fit_latent_rgb_to_vae(pipe.vae)
-        viz.latent_channels_grid([z[0] for z in inter.latents], timesteps, num_rows=4, rgb_factors=factors, rgb_bias=bias);
+        with torch.no_grad():
+            x0_decoded = [(pipe.decode(x0)[0] / 2 + 0.5).clamp(0, 1).float().cpu() for x0 in inter.x0]   # (3, H, W)
+        latents = [z[0].float().cpu() for z in inter.latents]                                         # (4, h, w)
+        if setup.tiny:   # the preview fitted to this run's (latent, decoded image) pairs, as in notebook 07
+            factors, bias = viz.fit_latent_rgb(torch.stack([x0[0].float().cpu() for x0 in inter.x0]),
+                                               torch.stack(x0_decoded) * 2 - 1)
+        else:
+            factors, bias = viz.SD_V1_LATENT_RGB, None
+        viz.latent_channels_grid(latents, timesteps, num_rows=4, rgb_factors=factors, rgb_bias=bias);
         """),
         (CODE, """
-        with torch.no_grad():
-            x0_decoded = [(pipe.decode(x0)[0] / 2 + 0.5).clamp(0, 1).float().cpu() for x0 in inter.x0]
         viz.steps_grid({"x0 decoded": x0_decoded}, timesteps, num_cols=6, value_range=(0, 1));
         """),
     ],
@@ -1202,9 +1262,9 @@ ATTENTION = dict(
         pipe = StableDiffusionPipeline.from_pretrained(setup.sd, torch_dtype=setup.dtype,
                                                        safety_checker=None, feature_extractor=None).to(setup.device)
         pipe.set_progress_bar_config(disable=True)
-        prompt = setup.pick(tiny="a large red circle at the top left on a white background",
-                            hub="a photograph of a cat wearing a red hat on a beach")
-        steps = setup.pick(tiny=20, hub=25)
+        prompt = setup.pick(tiny="a large red circle on a black background",
+                            hub="a photograph of a cat wearing a red hat")
+        steps, guidance = setup.pick(tiny=20, hub=25), setup.pick(tiny=3.0, hub=7.5)
         """),
         (MD, """
         ## 1. The tokens
@@ -1276,7 +1336,8 @@ ATTENTION = dict(
             per_step.append(maps[1])                                          # the prompt's half: (77, h, w)
             step_t.append(int(t))
 
-        out = pipe(prompt, num_inference_steps=steps, generator=setup.generator(0), callback=collect)
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=setup.generator(0),
+                   callback=collect)
         image = out.images[0]
         maps = torch.stack(per_step)                                          # (steps, 77, h, w)
         print("maps:", tuple(maps.shape))
@@ -1299,11 +1360,12 @@ ATTENTION = dict(
         (MD, """
         ## 5. Over the timesteps
 
-        The maps of two words through the run (each panel stretched to its own range): early steps attend
-        diffusely, and the layout locks in within the first few steps.
+        The maps of the two words whose average maps are most concentrated (largest spread between their
+        brightest and darkest places) through the run, each panel stretched to its own range.
         """),
         (CODE, """
-        chosen = positions[:1] + positions[-2:-1] if len(positions) > 1 else positions
+        peaked = sorted(positions, key=lambda p: float(mean_maps[p].max() - mean_maps[p].min()), reverse=True)
+        chosen = sorted(peaked[:2])
         viz.steps_grid({words[p]: list(maps[:, p]) for p in chosen}, step_t, num_cols=6, value_range=None, cmap="inferno");
         """),
         (CODE, """

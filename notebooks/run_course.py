@@ -122,10 +122,10 @@ def main() -> None:
         results[path.name] = r = run_notebook(path, out / path.name if out else None)
         print(f"{path.name:42s} {r['seconds']:6.1f} s  peak GPU {r['peak_allocated_gib']:5.2f} GiB"
               + (f"  FAILED: {r['error']}" if r["error"] else ""), flush=True)
+        if out:  # after every notebook, so a run cut short still leaves its times
+            (out / "times.json").write_text(json.dumps(results, indent=1))
     total = sum(r["seconds"] for r in results.values())
     print(f"{'total':42s} {total:6.1f} s")
-    if out:
-        (out / "times.json").write_text(json.dumps(results, indent=1))
     sys.exit(1 if any(r["error"] for r in results.values()) else 0)
 
 

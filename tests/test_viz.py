@@ -1,0 +1,428 @@
+"""Tests of the course helpers: minidiff.viz (pictures), minidiff.course (model / device choice), and the
+structure of the committed notebooks (badge, install cell, exercises, size); nbval runs them separately."""
+
+import io
+import json
+import math
+import re
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import matplotlib
+
+from minidiff import course, viz
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    matplotlib.pyplot.close("all")
+
+
+def image_axes(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+# --- viz: conversions -----------------------------------------------------------------------------------
+
+def test_headless_backend_under_pytest():
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_to_images_ranges_and_layouts():
+    x = torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2)               # (B, C, H, W)
+    (img,) = viz.to_images(x)
+    assert img.shape == (2, 2)
+    np.testing.assert_allclose(img.ravel(), [0.0, 0.5, 1.0, 1.0])          # [-1, 1] -> [0, 1], clipped
+    (img,) = viz.to_images(x, value_range=None)                            # min..max stretch
+    np.testing.assert_allclose(img.ravel(), [0.0, 0.25, 0.5, 1.0])
+    rgb = np.zeros((3, 4, 5, 3), dtype=np.float32) + 0.25                  # (B, H, W, C) as pipelines return
+    out = viz.to_images(rgb, value_range=(0, 1))
+    assert len(out) == 3 and out[0].shape == (4, 5, 3) and np.allclose(out[0], 0.25)
+    pil = Image.fromarray(np.full((4, 4, 3), 255, dtype=np.uint8))
+    assert np.allclose(viz.to_images([pil, pil])[1], 1.0)
+    with pytest.raises(ValueError, match="latent_channels_grid"):
+        viz.to_images(torch.zeros(4, 8, 8))                                # 4 channels are latents, not an image
+
+
+def test_to_uint8_resizes_to_a_fixed_side():
+    img = np.array([[0.0, 1.0]], dtype=np.float32)[..., None].repeat(3, -1)   # (1, 2, 3)
+    out = viz.to_uint8(img, side=6)                                          # enlarged: nearest neighbours
+    assert out.shape == (3, 6, 3) and out.dtype == np.uint8
+    assert (out[:, :3] == 0).all() and (out[:, 3:] == 255).all()
+    assert viz.to_uint8(np.random.rand(64, 32, 3), side=16).shape == (16, 8, 3)   # shrunk, aspect kept
+    assert viz.to_uint8(np.random.rand(5, 5)).shape == (5, 5, 3)                   # a map gets a colour map
+
+
+def test_sample_photo_is_offline_and_in_model_range():
+    x = viz.sample_photo("chelsea", size=32)
+    assert x.shape == (1, 3, 32, 32) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.05
+    with pytest.raises(ValueError, match="skimage.data has no photo"):
+        viz.sample_photo("no-such-photo")
+
+
+# --- viz: grids ------------------------------------------------------------------------------------------
+
+def test_image_grid_panels_titles_and_size():
+    fig = viz.image_grid(torch.rand(5, 3, 8, 8) * 2 - 1, titles=list("abcde"), ncols=3)
+    axes = image_axes(fig)
+    assert len(axes) == 5 and [ax.get_title() for ax in axes] == list("abcde")
+    assert fig.dpi == viz.DPI and tuple(fig.get_size_inches()) == pytest.approx((3 * viz.PANEL, 2 * viz.PANEL))
+    with pytest.raises(ValueError, match="one title per image"):
+        viz.image_grid(torch.rand(2, 3, 8, 8), titles=["only one"])
+    with pytest.raises(ValueError, match="pick_steps"):
+        viz.image_grid(torch.rand(viz.MAX_PANELS + 1, 1, 2, 2))
+
+
+def test_pick_steps_keeps_first_and_last():
+    assert viz.pick_steps(50, 6) == [0, 10, 20, 29, 39, 49]
+    assert viz.pick_steps(3, 6) == [0, 1, 2]
+    for n, k in [(10, 4), (1000, 7), (25, 25)]:
+        steps = viz.pick_steps(n, k)
+        assert steps[0] == 0 and steps[-1] == n - 1 and len(steps) == min(n, k)
+
+
+def test_steps_grid_rows_and_timestep_titles():
+    timesteps = torch.arange(900, -1, -100)                                 # 10 steps
+    xt = torch.rand(10, 3, 8, 8)
+    fig = viz.steps_grid({"x_t": xt, "x0": list(xt)}, timesteps, num_cols=4)
+    axes = image_axes(fig)
+    assert len(axes) == 8
+    assert [ax.get_title() for ax in axes[:4]] == ["t=900", "t=600", "t=300", "t=0"]
+    # the panel of step 3 shows frame 3 (the frame moved to [0, 1])
+    np.testing.assert_allclose(axes[1].images[0].get_array(), (xt[3].permute(1, 2, 0).numpy() + 1) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="one image per timestep"):
+        viz.steps_grid({"x_t": xt[:3]}, timesteps)
+
+
+def test_latent_channels_grid_layout_and_preview_column():
+    latents = torch.randn(8, 4, 6, 6)
+    fig = viz.latent_channels_grid(latents, list(range(8)), num_rows=3, rgb_factors=viz.SD_V1_LATENT_RGB)
+    assert len(image_axes(fig)) == 3 * 5
+    assert image_axes(fig)[4].get_title() == "RGB preview"
+    # each row shares one symmetric colour scale
+    row = viz.pick_steps(8, 3)[1]
+    scale = latents[row].abs().max().item()
+    assert image_axes(fig)[5].images[0].get_clim() == pytest.approx((-scale, scale))
+    np.testing.assert_allclose(image_axes(fig)[5].images[0].get_array(), latents[row, 0].numpy())
+    with pytest.raises(ValueError, match="one latent per timestep"):
+        viz.latent_channels_grid(latents, [1, 2])
+
+
+def test_heatmap_and_line_plot_show_their_data():
+    m = torch.randn(5, 7)
+    fig = viz.heatmap(m, title="emb")
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), m.numpy())
+    with pytest.raises(ValueError, match="2-D"):
+        viz.heatmap(torch.zeros(2, 2, 2))
+    fig = viz.line_plot({"a": [3, 2, 1], "b": torch.tensor([1.0, 2.0, 4.0])}, logy=True, xticklabels=["x", "y", "z"])
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), [1, 2, 4])
+    assert ax.get_yscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["x", "y", "z"]
+
+
+# --- viz: latent -> RGB ----------------------------------------------------------------------------------
+
+def test_latents_to_rgb_is_the_linear_map():
+    latents = torch.randn(2, 4, 5, 7)
+    factors = torch.tensor(viz.SD_V1_LATENT_RGB)
+    bias = torch.tensor([0.1, -0.2, 0.0])
+    out = viz.latents_to_rgb(latents, factors, bias)
+    ref = torch.zeros(2, 3, 5, 7)
+    for b in range(2):
+        for y in range(5):
+            for x in range(7):
+                ref[b, :, y, x] = latents[b, :, y, x] @ factors + bias
+    torch.testing.assert_close(out, ((ref + 1) / 2).clamp(0, 1))
+    with pytest.raises(ValueError, match="fit_latent_rgb"):
+        viz.latents_to_rgb(torch.randn(1, 3, 4, 4))
+
+
+def test_fit_latent_rgb_recovers_a_known_map():
+    g = torch.Generator().manual_seed(0)
+    factors = torch.randn(4, 3, generator=g) * 0.3
+    bias = torch.tensor([0.05, -0.1, 0.2])
+    latents = torch.randn(6, 4, 4, 4, generator=g)
+    rgb_small = torch.einsum("bchw,cd->bdhw", latents, factors) + bias.view(1, 3, 1, 1)
+    images = rgb_small.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)   # (6, 3, 32, 32), like a VAE's 8x
+    fit_factors, fit_bias = viz.fit_latent_rgb(latents, images)
+    torch.testing.assert_close(fit_factors, factors, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fit_bias, bias, atol=1e-5, rtol=0)
+
+
+def test_fit_latent_rgb_to_vae_encodes_scales_and_fits():
+    from minidiff import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+                                         latent_channels=4, sample_size=16, scaling_factor=0.5,
+                                         down_block_types=["DownEncoderBlock2D"] * 2,
+                                         up_block_types=["UpDecoderBlock2D"] * 2)).eval()
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    factors, bias = viz.fit_latent_rgb_to_vae(vae, images)
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode() * 0.5                   # (3, 4, 8, 8)
+    ref_factors, ref_bias = viz.fit_latent_rgb(latents, images)
+    torch.testing.assert_close(factors, ref_factors)
+    torch.testing.assert_close(bias, ref_bias)
+    factors, bias = viz.fit_latent_rgb_to_vae(vae)                               # scikit-image photos at 16 px
+    assert factors.shape == (4, 3) and bias.shape == (3,) and torch.isfinite(factors).all()
+
+
+# --- viz: schedules --------------------------------------------------------------------------------------
+
+class _FakeScheduler:
+    def __init__(self, T):
+        self.alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0)
+        self.timesteps = None
+
+    def set_timesteps(self, n):
+        self.timesteps = torch.linspace(len(self.alphas_cumprod) - 1, 0, n).round().long()
+
+
+def test_plot_schedules_plots_alpha_bar_snr_sigma():
+    s = _FakeScheduler(100)
+    fig = viz.plot_schedules({"linear": s})
+    a, snr, sigma = (ax.lines[0].get_ydata() for ax in fig.axes)
+    ab = s.alphas_cumprod.double().numpy()
+    np.testing.assert_allclose(a, ab)
+    np.testing.assert_allclose(snr, ab / (1 - ab))
+    np.testing.assert_allclose(sigma, np.sqrt((1 - ab) / ab))
+
+
+def test_plot_timesteps_leaves_schedulers_untouched():
+    s = _FakeScheduler(100)
+    fig = viz.plot_timesteps({"a": s, "b": _FakeScheduler(100)}, 5)
+    assert s.timesteps is None
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_xdata(), [99, 74, 50, 25, 0])
+
+
+# --- viz: attention ----------------------------------------------------------------------------------------
+
+def test_aggregate_cross_attention_places_each_token():
+    B, M, h, w = 2, 3, 8, 8
+    probs = []
+    for hl in (8, 4):                                          # two resolutions, as in the UNet's down path
+        p = torch.zeros(B, 2, hl * hl, M)                      # (B, heads, N, M)
+        p[..., 2] = 1.0                                        # every position looks at token 2 ...
+        p[:, :, 0, 2], p[:, :, 0, 1] = 0.0, 1.0                # ... except the top-left one, at token 1
+        probs.append(p)
+    maps = viz.aggregate_cross_attention(probs, (h, w))
+    assert maps.shape == (B, M, h, w)
+    assert torch.allclose(maps.sum(1), torch.ones(B, h, w))    # still a distribution over tokens
+    assert maps[0, 1, 0, 0] > 0.5 and maps[0, 1, -1, -1] == 0 and maps[0, 2, -1, -1] == 1
+    # one layer at full resolution is returned exactly (head mean, no resizing)
+    p = torch.rand(B, 4, h * w, M)
+    torch.testing.assert_close(viz.aggregate_cross_attention([p], (h, w)),
+                               p.mean(1).transpose(1, 2).reshape(B, M, h, w))
+    with pytest.raises(ValueError, match="latent_hw"):
+        viz.aggregate_cross_attention([torch.rand(1, 1, 10, 3)], (h, w))
+    with pytest.raises(ValueError, match="store_attention_probs"):
+        viz.aggregate_cross_attention([], (h, w))
+
+
+def test_attention_overlay_one_panel_per_label():
+    fig = viz.attention_overlay(torch.rand(3, 16, 16) * 2 - 1, torch.rand(2, 4, 4), ["cat", "hat"])
+    titles = [ax.get_title() for ax in image_axes(fig)]
+    assert titles == ["image", "cat", "hat"]
+    with pytest.raises(ValueError, match="K labels"):
+        viz.attention_overlay(torch.rand(3, 16, 16), torch.rand(2, 4, 4), ["cat"])
+
+
+# --- viz: slider and animations ---------------------------------------------------------------------------
+
+def test_timestep_slider_falls_back_to_a_static_grid():
+    assert not viz.widgets_available()                         # pytest is no Jupyter kernel
+    fig = viz.timestep_slider(torch.rand(10, 3, 8, 8), range(10), static_cols=4)
+    assert isinstance(fig, matplotlib.figure.Figure) and len(image_axes(fig)) == 4
+
+
+def test_timestep_slider_widget_scrubs(monkeypatch):
+    ipywidgets = pytest.importorskip("ipywidgets")
+    monkeypatch.setattr(viz, "widgets_available", lambda: True)
+    frames = torch.rand(5, 3, 4, 4) * 2 - 1
+    box = viz.timestep_slider(frames, [40, 30, 20, 10, 0], side=8)
+    slider, label, view = box.children
+    assert isinstance(slider, ipywidgets.IntSlider) and slider.max == 4
+    slider.value = 3
+    assert label.value == "step 3 of 4, t = 10"
+    shown = np.asarray(Image.open(io.BytesIO(view.value)))
+    assert shown.shape == (8, 8, 3)
+    np.testing.assert_array_equal(shown, viz.to_uint8(viz.to_images(frames[3])[0], side=8))
+
+
+def test_make_gif_frames_and_size():
+    data = viz.make_gif(torch.rand(4, 3, 8, 8), side=16)
+    gif = Image.open(io.BytesIO(data))
+    assert gif.format == "GIF" and gif.n_frames == 4 and gif.size == (16, 16)
+    # long runs are thinned to max_frames, first and last kept; each frame has at most `colors` colours
+    frames = torch.linspace(-1, 1, 30).view(30, 1, 1, 1).expand(30, 3, 8, 8)     # frame i is one flat gray
+    gif = Image.open(io.BytesIO(viz.make_gif(frames, max_frames=5, colors=8)))
+    assert gif.n_frames == 5
+    firsts = []
+    for i in range(5):
+        gif.seek(i)
+        rgb = np.asarray(gif.convert("RGB"))
+        firsts.append(int(rgb[0, 0, 0]))
+        assert len(np.unique(rgb.reshape(-1, 3), axis=0)) <= 8
+    assert firsts[0] == 0 and firsts[-1] == 255 and firsts == sorted(firsts)
+
+
+def test_animation_html_is_self_contained():
+    html = viz.animation_html(torch.rand(3, 3, 8, 8), [20, 10, 0])
+    assert "<script" in html and html.count("data:image/png;base64") == 3
+
+
+# --- course: choosing models and device -------------------------------------------------------------------
+
+@pytest.fixture
+def env(monkeypatch):
+    for name in ("MINIDIFF_MODELS", "MINIDIFF_DEVICE", "MINIDIFF_DTYPE", "MINIDIFF_DDPM", "MINIDIFF_SD",
+                 "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_course_cpu_auto_is_tiny_without_touching_the_network(env, capsys):
+    env.setattr(course.torch.cuda, "is_available", lambda: False)
+    env.setattr(course, "hub_reachable", lambda *a: pytest.fail("the network was asked on a CPU"))
+    s = course.setup()
+    assert (s.models, s.device.type, s.dtype, s.ddpm, s.sd) == ("tiny", "cpu", torch.float32, "tiny-ddpm", "tiny-sd")
+    printed = capsys.readouterr().out
+    assert printed.startswith("minidiff course setup") and "no CUDA GPU found" in printed and "tiny" in printed
+    assert s.pick(tiny=8, hub=50) == 8
+
+
+def test_course_gpu_auto_follows_the_hub(env):
+    env.setattr(course.torch.cuda, "is_available", lambda: True)
+    env.setattr(course, "hub_reachable", lambda *a: (True, "huggingface.co answered"))
+    s = course.choose()
+    assert (s.models, s.device.type, s.dtype) == ("hub", "cuda", torch.float16)
+    assert (s.ddpm, s.sd) == ("google/ddpm-cat-256", "CompVis/stable-diffusion-v1-4")
+    assert s.pick(tiny=8, hub=50) == 50
+    env.setattr(course, "hub_reachable", lambda *a: (False, "no answer"))
+    s = course.choose()
+    assert (s.models, s.dtype) == ("tiny", torch.float32) and any("not reachable" in r for r in s.reasons)
+
+
+def test_course_local_full_size_folders(env, tmp_path):
+    env.setattr(course.torch.cuda, "is_available", lambda: True)
+    env.setattr(course, "hub_reachable", lambda *a: pytest.fail("local folders need no network"))
+    env.setenv("MINIDIFF_SD", str(tmp_path / "sd"))
+    env.setenv("MINIDIFF_DDPM", str(tmp_path / "ddpm"))
+    s = course.choose()
+    assert s.models == "hub" and s.sd == str(tmp_path / "sd") and s.ddpm == str(tmp_path / "ddpm")
+    assert any("MINIDIFF_SD=" in r for r in s.reasons)
+
+
+def test_course_explicit_choices_and_errors(env):
+    env.setattr(course.torch.cuda, "is_available", lambda: False)
+    env.setenv("MINIDIFF_MODELS", "hub")
+    s = course.choose()
+    assert (s.models, s.device.type, s.dtype, s.sd) == ("hub", "cpu", torch.float32, "CompVis/stable-diffusion-v1-4")
+    env.setenv("MINIDIFF_MODELS", "big")
+    with pytest.raises(ValueError, match=r"MINIDIFF_MODELS='big'.*\['tiny', 'hub', 'auto'\]"):
+        course.choose()
+    env.setenv("MINIDIFF_MODELS", "tiny")
+    env.setenv("MINIDIFF_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="MINIDIFF_DEVICE=cpu"):
+        course.choose()
+    env.setenv("MINIDIFF_DEVICE", "cpu")
+    env.setenv("MINIDIFF_DTYPE", "float16")
+    with pytest.raises(ValueError, match="MINIDIFF_DTYPE=float32"):
+        course.choose()
+
+
+def test_setup_hides_only_the_weight_loading_bar(env):
+    logging = pytest.importorskip("transformers.utils.logging")
+    if not hasattr(logging, "set_tqdm_hook"):
+        pytest.skip("this transformers has no set_tqdm_hook")
+    env.setattr(course.torch.cuda, "is_available", lambda: False)
+    previous = logging.set_tqdm_hook(None)
+    try:
+        course.setup()
+        loading = logging.tqdm(range(3), desc="Loading weights")
+        other = logging.tqdm(range(3), desc="Downloading")
+        assert loading.disable and not other.disable
+        loading.close()
+        other.close()
+    finally:
+        logging.set_tqdm_hook(previous)
+
+
+def test_hub_reachable_offline_is_immediate(env):
+    env.setenv("HF_HUB_OFFLINE", "1")
+    assert course.hub_reachable() == (False, "HF_HUB_OFFLINE is set")
+
+
+# --- the committed notebooks ------------------------------------------------------------------------------
+
+def test_notebooks_are_built_from_their_sources():
+    """notebooks/build.py writes the cells from course_cells.py: the committed notebooks must match them."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(REPO / "notebooks"))
+    try:
+        spec = importlib.util.spec_from_file_location("course_build", REPO / "notebooks" / "build.py")
+        build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(build)
+    finally:
+        sys.path.remove(str(REPO / "notebooks"))
+    url = build.repository_url()
+    for i, nb_spec in enumerate(build.NOTEBOOKS):
+        fresh = [c.source for c in build.build(nb_spec, i, url).cells]
+        committed = [c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+                     for c in json.loads((REPO / "notebooks" / nb_spec["file"]).read_text())["cells"]]
+        assert fresh == committed, (f"{nb_spec['file']} differs from notebooks/course_cells.py: run "
+                                    f"`python notebooks/build.py --execute {nb_spec['file'][:2]}`")
+
+
+def test_there_are_eleven_numbered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 12)], [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_notebook_structure(path):
+    repo_url = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    slug = repo_url.removeprefix("https://github.com/")
+    assert path.stat().st_size < 1_000_000, f"{path.name} is {path.stat().st_size} bytes; keep outputs small"
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    md = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    code = [c for c in cells if c["cell_type"] == "code"]
+    # the badge points at this very file in the repository declared in pyproject
+    assert f"https://colab.research.google.com/github/{slug}/blob/main/notebooks/{path.name}" in md
+    assert "What you will learn" in md and "Exercises" in md
+    i = NOTEBOOKS.index(path)
+    if i + 1 < len(NOTEBOOKS):
+        assert f"({NOTEBOOKS[i + 1].name})" in md, f"{path.name} must link to the next notebook"
+    # the install cell, then the setup cell whose printed choice is the first output of the notebook
+    assert "pip" in "".join(code[0]["source"]) and repo_url in "".join(code[0]["source"])
+    first_output = next(o for c in code for o in c["outputs"])
+    assert "".join(first_output.get("text", "")).startswith("minidiff course setup")
+    # executed, with checked outputs, and never importing the test-only reference library
+    assert all(c["execution_count"] is not None for c in code)
+    assert sum("# NBVAL_CHECK_OUTPUT" in "".join(c["source"]) for c in code) >= 1
+    assert not any(re.search(r"^\s*(import|from)\s+diffusers", "".join(c["source"]), re.M) for c in code)
+    errors = [o for c in code for o in c["outputs"] if o["output_type"] == "error"]
+    assert not errors, f"{path.name} was committed with an error output"
+
+
+def test_environment_yml_is_studio_lab_ready():
+    yaml = pytest.importorskip("yaml")
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps and "pip" in deps and "ipykernel" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    assert any(p.startswith("torch") for p in pip)
+    assert any(p.replace(" ", "").startswith("-e.[notebooks") for p in pip)   # the repository, with the course extras
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["notebooks"]
+    assert any(e.startswith("nbval") for e in extras) and any(e.startswith("jupyter") for e in extras)
