@@ -495,8 +495,8 @@ notebook(
             probs = (split(q) @ split(k).transpose(-1, -2) / math.sqrt(d)).softmax(-1)  # (B, heads, N, 77)
             mine = (probs @ split(v)).transpose(1, 2).reshape(1, h * w, -1)            # (B, N, heads*d)
             mine = attn2.to_out[0](mine)
-            theirs = attn2(tokens, context)
-        assert torch.allclose(mine, theirs, atol=1e-4)
+            theirs = attn2(tokens, context)          # the fused kernel: float16 rounds in another order
+        assert torch.allclose(mine, theirs, atol=1e-4 if setup.dtype == torch.float32 else 1e-2)
         print(f"heads={attn2.heads}, d={d}: queries {tuple(q.shape)}, keys {tuple(k.shape)}, "
               f"attention probabilities {tuple(probs.shape)}")
         """),
@@ -1065,7 +1065,8 @@ notebook(
         pipe.set_progress_bar_config(disable=True)
         prompt = setup.pick(tiny="a large circle", hub="a photograph of a cat sitting on a sofa")
         steps, guidance = setup.pick(tiny=20, hub=25), setup.pick(tiny=3.0, hub=7.5)
-        tolerance = setup.pick(tiny=1e-4, hub=2e-2)   # batched and single runs may round differently in float16
+        # A batch of 4 and a batch of 1 may take other GPU kernels (and TF32, or float16, rounding): allow for it.
+        tolerance = 1e-4 if setup.device.type == "cpu" else 2e-2
         """),
         (MD, """
         ## 1. A batch with one generator per image

@@ -104,6 +104,7 @@ def make_fake_hub(folder: Path, reference: Path) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the executed notebooks and times.json here")
+    parser.add_argument("--times", help="write only the times (JSON) to this file")
     parser.add_argument("--fake-hub", help="build full-size random-weight hub folders here and run on them")
     parser.add_argument("--reference", default=str(HERE.parent.parent / "shared" / "reference"),
                         help="folder of the real configs (stable-diffusion-v1-4/, ddpm-cat-256/)")
@@ -122,8 +123,11 @@ def main() -> None:
         results[path.name] = r = run_notebook(path, out / path.name if out else None)
         print(f"{path.name:42s} {r['seconds']:6.1f} s  peak GPU {r['peak_allocated_gib']:5.2f} GiB"
               + (f"  FAILED: {r['error']}" if r["error"] else ""), flush=True)
-        if out:  # after every notebook, so a run cut short still leaves its times
+        # after every notebook, so a run cut short still leaves its times
+        if out:
             (out / "times.json").write_text(json.dumps(results, indent=1))
+        if args.times:
+            Path(args.times).write_text(json.dumps(results, indent=1))
     total = sum(r["seconds"] for r in results.values())
     print(f"{'total':42s} {total:6.1f} s")
     sys.exit(1 if any(r["error"] for r in results.values()) else 0)
