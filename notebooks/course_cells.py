@@ -333,9 +333,11 @@ notebook(
         viz.plot_timesteps(samplers, num_steps);
         """),
         (MD, """
-        The same steps as noise levels (`minidiff.schedulers.compare`): ᾱ, log SNR and σ at each step. The
-        Euler-type and multistep samplers start at t = T-1, the others a little lower; PNDM spends its first
-        calls on a Runge-Kutta warm-up.
+        The same steps as noise levels (`minidiff.schedulers.compare`): ᾱ, log SNR and σ at each step. All
+        of them space their timesteps as the config's `timestep_spacing` says, so they start at about the
+        same t; PNDM spends its first calls on a Runge-Kutta warm-up (more model calls than steps), and the
+        Euler-type samplers scale x by their own σ, so their first x has standard deviation
+        `init_noise_sigma` instead of 1.
         """),
         (CODE, """
         from minidiff.schedulers import compare
@@ -779,7 +781,9 @@ notebook(
 
         The text encoder (a 12-layer transformer for SD v1) turns the 77 ids into 77 vectors; the UNet reads
         its last hidden state, (1, 77, 768) for SD v1. Because CLIP's attention is causal, every vector after
-        the prompt (even the padding) has seen the whole prompt.
+        the prompt (even the padding) has seen the whole prompt. (The tiny checkpoint's 2-layer text encoder
+        was never trained: its features are random but fixed, and the UNet learned to read them; see its
+        model card, `minidiff/checkpoints/tiny-sd/README.md`.)
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
@@ -885,8 +889,8 @@ notebook(
         scheduler = UniPCMultistepScheduler.from_pretrained(setup.sd, subfolder="scheduler")
         """),
         (MD, """
-        The checkpoint's own scheduler config is PNDM's; UniPC reads the same betas from it and ignores the
-        rest. The settings of this run:
+        The checkpoint's own scheduler config is PNDM's; UniPC reads the keys it knows from it (the betas,
+        the timestep spacing) and ignores PNDM's own. The settings of this run:
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
@@ -1170,6 +1174,8 @@ notebook(
         ## 1. Which steps run
 
         Of the N timesteps only the last int(strength · N) run: the image is noised to the first of them.
+        (PNDM, this checkpoint's scheduler, repeats its second timestep for its warm-up, so its list has
+        N + 1 entries and a run makes one model call more.)
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
@@ -1346,8 +1352,8 @@ ATTENTION = dict(
         (MD, """
         ## 4. One map per word, over the image
 
-        Averaged over all steps. The start token takes most of the attention everywhere (a known "attention
-        sink"), so each map is stretched to its own range to show *where* a token is read.
+        Averaged over all steps, and each map stretched to its own range: the maps show *where* a token is
+        read, not how much (printed below).
         """),
         (CODE, """
         positions = list(range(1, len(words) - 1))                            # the words, without start and end
@@ -1356,7 +1362,13 @@ ATTENTION = dict(
         """),
         (CODE, """
         share = mean_maps.mean(dim=(1, 2))                                    # (77,) average probability per token
-        print(f"start token: {share[0]:.2f} of the attention; the words: {share[1:len(words) - 1].sum():.2f}")
+        print(f"of the attention: start token {share[0]:.2f}, the words {share[1:len(words) - 1].sum():.2f}, "
+              f"end and padding tokens {share[len(words) - 1:].sum():.2f}")
+        """),
+        (MD, """
+        Much of the attention goes to tokens that are no word at all. In SD v1 the start token is known to
+        take most of it (an "attention sink": a place to put attention when no word is relevant); which
+        tokens play that part depends on the model.
         """),
         (MD, """
         ## 5. Over the timesteps
