@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .base import SchedulerBase, SchedulerOutput, given_values
+from .base import SchedulerBase, SchedulerOutput, given_values, vp_coefficients
 
 
 # --- the inference schedule, shared with unipc_multistep.py -------------------------------------------
@@ -195,9 +195,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
     def setup(self) -> None:
         super().setup()
         # α_t, σ_t and λ_t of every training timestep (variance preserving: α_t² + σ_t² = 1)
-        self.alpha_t = torch.sqrt(self.alphas_cumprod)
-        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        self.alpha_t, self.sigma_t, self.lambda_t = vp_coefficients(self.alphas_cumprod)
         self.sigmas = None
         self.reset_history()
 

@@ -37,7 +37,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .base import SchedulerBase, SchedulerOutput, given_values
+from .base import SchedulerBase, SchedulerOutput, given_values, vp_coefficients
 from .dpmsolver_multistep import (add_noise_at_schedule, alpha_sigma_from, check_distinct_noise_levels, karras_sigmas,
                                   multistep_timesteps, next_step_index, sigma_to_t)
 
@@ -121,9 +121,7 @@ class UniPCMultistepScheduler(SchedulerBase):
     def setup(self) -> None:
         super().setup()
         # α_t, σ_t and λ_t of every training timestep (variance preserving: α_t² + σ_t² = 1)
-        self.alpha_t = torch.sqrt(self.alphas_cumprod)
-        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        self.alpha_t, self.sigma_t, self.lambda_t = vp_coefficients(self.alphas_cumprod)
         self.sigmas = None
         self.reset_history()
 
