@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+from .control.attention_maps import average_maps  # noqa: E402
 
 DPI = 72        # dots per inch of every figure: small PNGs in the committed notebooks
 PANEL = 1.3     # inches per image panel
@@ -368,28 +369,13 @@ def plot_timesteps(schedulers: dict, num_inference_steps: int, panel: float = 2.
 # --- attention maps ---------------------------------------------------------------------------------------
 
 def aggregate_cross_attention(probs: list, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Cross-attention probabilities of several layers -> one map per token: (B, M, h, w).
+    """Cross-attention probabilities of several layers -> one map per token, detached, on the CPU: (B, M, h, w).
 
     `probs`: tensors (B, heads, N, M) from `Attention.attention_probs`, N = h_l * w_l positions of that
-    layer's feature map (h / 2^k by w / 2^k), M text tokens. Heads are averaged, each map is resized to the
-    latent size `latent_hw` (bilinear) and the layers are averaged (as in Hertz et al. 2022, prompt-to-prompt).
+    layer's feature map, M text tokens. Heads are averaged, each map is resized to the latent size
+    `latent_hw` (bilinear) and the layers are averaged: `minidiff.control.attention_maps.average_maps`.
     """
-    h, w = latent_hw
-    maps = []
-    for p in probs:
-        B, heads, N, M = p.shape
-        factor = math.sqrt(h * w / N)                                                # 2^k: this layer's downsampling
-        hl, wl = round(h / factor), round(w / factor)
-        if hl * wl != N:
-            raise ValueError(f"An attention map with {N} positions does not fit a latent of {h} x {w}; "
-                             "pass latent_hw=(height // 8, width // 8) of the images that were generated.")
-        m = p.detach().float().mean(dim=1)                                           # (B, heads, N, M) -> (B, N, M)
-        m = m.transpose(1, 2).reshape(B, M, hl, wl)                                  # (B, N, M) -> (B, M, hl, wl)
-        maps.append(F.interpolate(m.cpu(), size=(h, w), mode="bilinear", align_corners=False))
-    if not maps:
-        raise ValueError("No attention maps were given: switch store_attention_probs on (see "
-                         "minidiff.layers.Attention) and run the model before aggregating.")
-    return torch.stack(maps).mean(dim=0)                                             # (L, B, M, h, w) -> (B, M, h, w)
+    return average_maps([p.detach().cpu() for p in probs], latent_hw)
 
 
 def attention_overlay(image, maps, labels, value_range=(-1, 1), alpha: float = 0.55, panel: float = PANEL):
