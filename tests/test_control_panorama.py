@@ -1,0 +1,137 @@
+"""minidiff.control.panorama (MultiDiffusion) against diffusers' StableDiffusionPanoramaPipeline, and its mechanism.
+
+diffusers' get_views is hard-wired to 64-latent windows with a stride of 8, so the parity tests use a random
+look-alike of CompVis/stable-diffusion-v1-4 whose UNet has sample_size 64 (tests/fake_checkpoints.py, made
+smaller still: two levels, cross-attention only at 32 x 32). The mechanism and behaviour tests use tiny-sd.
+"""
+
+import warnings
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import minidiff
+from conftest import REFERENCE
+from fake_checkpoints import make_fake_sd
+from helpers import rel_err
+from minidiff.control.panorama import StableDiffusionPanoramaPipeline
+
+PIXEL = 2 / 255  # the bound on the largest pixel difference (images in [0, 1])
+# A UNet that works on 64 x 64 latents (SD v1's window), small enough for a CPU.
+WIDE_UNET = dict(sample_size=64, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def fake_pair(tmp_path_factory):
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference configs not found at {REFERENCE} (set MINIDIFF_REFERENCE)")
+    folder = make_fake_sd(tmp_path_factory.mktemp("hub") / "sd-window-64", REFERENCE, **WIDE_UNET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = StableDiffusionPanoramaPipeline.from_pretrained(folder)
+        theirs = diffusers.StableDiffusionPanoramaPipeline.from_pretrained(
+            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return quiet(ours), quiet(theirs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return quiet(StableDiffusionPanoramaPipeline.from_pretrained("tiny-sd"))
+
+
+# --- parity with diffusers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheduler, view_batch_size, circular, steps", [("PNDMScheduler", 1, False, 3),
+                                                                          ("DDIMScheduler", 3, True, 2)])
+def test_parity_with_diffusers(fake_pair, scheduler, view_batch_size, circular, steps):
+    pipe, ref = fake_pair
+    pipe.scheduler = getattr(minidiff, scheduler).from_config(pipe.scheduler.config)
+    ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    # 64 x 72 latents: two windows of 64 at stride 8 (nine around the circle with circular padding).
+    kwargs = dict(height=512, width=576, num_inference_steps=steps, guidance_scale=7.5,
+                  view_batch_size=view_batch_size, circular_padding=circular)
+    latents = pipe("a photo of a mountain range", generator=gen(0), output_type="latent", **kwargs).images
+    expected = ref("a photo of a mountain range", generator=gen(0), output_type="latent", **kwargs).images
+    assert latents.shape == (1, 4, 64, 72)
+    assert rel_err(latents, expected) < 1e-4
+    with torch.no_grad():
+        images = pipe.decode_with_padding(latents) if circular else pipe.decode(latents)
+        images_ref = ref.decode_latents_with_padding(expected) if circular else ref.vae.decode(
+            expected / ref.vae.config.scaling_factor).sample
+    images, images_ref = ((x / 2 + 0.5).clamp(0, 1) for x in (images, images_ref))
+    assert images.shape == (1, 3, 512, 576) and float(images.std()) > 0.02
+    assert float((images - images_ref).abs().max()) <= PIXEL
+
+
+def test_views_match_diffusers(fake_pair):
+    """The same windows as diffusers' get_views (in latents, window 64, stride 8), in the same order."""
+    pipe, ref = fake_pair
+    for circular in (False, True):
+        ours = pipe.get_views(64, 96, window=64, stride=8, circular_padding=circular)
+        theirs = ref.get_views(512, 768, circular_padding=circular)
+        assert [(int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[0]) + len(c)) for r, c in ours] == theirs
+    wrapped = pipe.get_views(64, 96, window=64, stride=8, circular_padding=True)[-1][1]
+    assert wrapped[0] == 88 and wrapped[-1] == 55        # the last window wraps around the right edge
+
+
+# --- mechanism and behaviour on tiny-sd -----------------------------------------------------------------
+def test_one_window_is_plain_generation(tiny):
+    plain = quiet(minidiff.StableDiffusionPipeline(**tiny.components))
+    kwargs = dict(num_inference_steps=8, guidance_scale=3.0, output_type="np")
+    ours = tiny("a red circle", height=64, width=64, generator=gen(1), **kwargs).images
+    expected = plain("a red circle", generator=gen(1), **kwargs).images
+    assert np.abs(ours - expected).max() <= 1e-5
+
+
+def test_wide_image_and_its_steps(tiny):
+    """64 x 192 pixels from a model that only ever saw 64 x 64 images: several objects side by side, and the
+    per-step latents of the whole panorama."""
+    out = tiny("a blue square on a black background", height=64, width=192, num_inference_steps=12,
+               guidance_scale=3.0, stride=4, view_batch_size=5, generator=gen(0), output_type="np",
+               return_intermediates=True)
+    image = out.images[0]                                              # (64, 192, 3)
+    assert image.shape == (64, 192, 3)
+    assert len(out.intermediates.latents) == len(tiny.scheduler.timesteps)
+    assert out.intermediates.latents[-1].shape == (1, 4, 8, 24)
+    # Foreground: pixels far from the background colour (the median). Objects: runs of columns with foreground.
+    background = np.median(image.reshape(-1, 3), axis=0)
+    foreground = np.abs(image - background).sum(axis=-1) > 0.3          # (64, 192)
+    assert 0.05 < foreground.mean() < 0.8
+    occupied = foreground.mean(axis=0) > 0.1                           # (192,) columns that cross an object
+    starts = np.flatnonzero(occupied[1:] & ~occupied[:-1]) + 1         # where a run of occupied columns begins
+    assert len(starts) + int(occupied[0]) >= 2
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(width=56), "at least one window"),
+    (dict(height=48, width=128), "at least one window"),
+    (dict(width=100), "multiples of 8"),
+    (dict(width=192, stride=3), "do not tile the width"),
+    (dict(width=192, stride=5, circular_padding=True), "do not tile the width"),
+    (dict(stride=0), "stride must be an integer"),
+    (dict(stride=9), "stride must be an integer"),
+    (dict(view_batch_size=0), "view_batch_size"),
+])
+def test_bad_input(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny("a red circle", num_inference_steps=1, **kwargs)
