@@ -1,0 +1,134 @@
+"""Semantic Guidance (minidiff.control.sega): the same images as diffusers' SemanticStableDiffusionPipeline on
+tiny-sd, plain generation when nothing is edited, the colour moves the way the edit asks, and clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import rgb_to_hsv
+
+import minidiff
+from minidiff.checkpoints import TINY_SD
+from minidiff.control.sega import SemanticStableDiffusionPipeline
+from helpers import rel_err
+
+STEPS, GUIDANCE = 15, 3.0
+PROMPTS = ["a red circle", "a green square"]
+
+ONE_CONCEPT = dict(editing_prompt="blue", edit_guidance_scale=4.0, edit_warmup_steps=3, edit_threshold=0.8,
+                   edit_momentum_scale=0.3, edit_mom_beta=0.6)
+# Different warm-ups (steps 2-4 guide with the first concept alone), a cooldown, one concept reversed, weights.
+TWO_CONCEPTS = dict(editing_prompt=["blue", "red"], reverse_editing_direction=[False, True],
+                    edit_guidance_scale=[4.0, 3.0], edit_warmup_steps=[2, 5], edit_cooldown_steps=[15, 12],
+                    edit_threshold=[0.8, 0.7], edit_weights=[1.0, 0.5], edit_momentum_scale=0.3, edit_mom_beta=0.6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    pipe = SemanticStableDiffusionPipeline.from_pretrained("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def theirs():
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.SemanticStableDiffusionPipeline.from_pretrained(TINY_SD, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generators(n, first_seed=0):
+    return [torch.Generator().manual_seed(first_seed + i) for i in range(n)]
+
+
+def generate(pipe, prompts=PROMPTS, **kwargs):
+    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators(len(prompts)),
+                output_type="np", **kwargs).images
+
+
+def colour_share(images, hue_degrees):
+    """Share of the pixels that are saturated and within 30 degrees of a hue (red 0, blue 240): (B,)."""
+    hsv = rgb_to_hsv(np.clip(images, 0, 1))                               # (B, H, W, 3)
+    distance = np.abs(hsv[..., 0] * 360 - hue_degrees) % 360
+    distance = np.minimum(distance, 360 - distance)
+    return ((distance < 30) & (hsv[..., 1] > 0.4) & (hsv[..., 2] > 0.2)).mean(axis=(1, 2))
+
+
+@pytest.mark.parametrize("edit", [ONE_CONCEPT, TWO_CONCEPTS], ids=["one-concept", "two-concepts-one-reversed"])
+def test_same_images_as_diffusers(ours, theirs, edit):
+    final = {}
+    mine = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators(2),
+                output_type="np", return_intermediates=True, **edit)
+    reference = theirs(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators(2),
+                       output_type="np", callback=lambda i, t, latents: final.update(latents=latents), **edit).images
+    assert mine.images.shape == reference.shape == (2, 64, 64, 3)
+    assert np.abs(mine.images - reference).max() <= 2 / 255
+    assert rel_err(mine.intermediates.latents[-1], final["latents"]) < 1e-3
+    # ... and the edit did something: the images are not those of the prompt alone.
+    assert np.abs(mine.images - generate(ours)).max() > 0.2
+
+
+def test_no_edit_or_zero_scale_is_plain_generation(ours):
+    plain = minidiff.StableDiffusionPipeline(**ours.components)
+    plain.set_progress_bar_config(disable=True)
+    reference = generate(plain)
+    assert np.array_equal(generate(ours), reference)
+    zero = generate(ours, editing_prompt=["blue", "square"], edit_guidance_scale=0.0, edit_momentum_scale=0.0,
+                    edit_warmup_steps=0)
+    assert np.abs(zero - reference).max() <= 1 / 255
+
+
+def test_adding_blue_raises_blue_and_removing_red_lowers_red(ours):
+    prompts = ["a red circle"] * 3
+    edit = dict(edit_guidance_scale=5.0, edit_warmup_steps=2, edit_threshold=0.5)
+    plain = generate(ours, prompts)
+    bluer = generate(ours, prompts, editing_prompt="blue", **edit)
+    less_red = generate(ours, prompts, editing_prompt="red", reverse_editing_direction=True, **edit)
+    red, blue = 0, 240
+    assert colour_share(plain, red).mean() > 0.02, "tiny-sd should draw the red circle to begin with"
+    assert colour_share(bluer, blue).mean() > colour_share(plain, blue).mean() + 0.1
+    assert colour_share(less_red, red).mean() < 0.5 * colour_share(plain, red).mean()
+
+
+def test_per_step_guidance_warm_up_and_threshold(ours):
+    warmup, threshold = 4, 0.75
+    out = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators(2),
+               output_type="latent", return_intermediates=True, editing_prompt=["blue", "circle"],
+               edit_warmup_steps=warmup, edit_threshold=threshold, edit_momentum_scale=0.0)
+    num_steps = len(ours.scheduler.timesteps)
+    assert len(out.edit_guidance) == len(out.concept_guidance) == num_steps
+    assert out.concept_guidance[0].shape == (2, 2, 4, 8, 8)                       # (C, B, 4, h, w)
+    assert all(g.abs().max() == 0 for g in out.edit_guidance[:warmup])          # nothing during warm-up
+    assert all(g.abs().max() > 0 for g in out.edit_guidance[warmup:])
+    # Without momentum and with weights 1, the edit term is the sum of the concepts' terms.
+    torch.testing.assert_close(out.edit_guidance[-1], out.concept_guidance[-1].sum(0))
+    # Each concept edits the top (1 - λ) of the 8 x 8 values of every image and channel: 16 of 64.
+    kept = (out.concept_guidance[-1] != 0).flatten(3).sum(-1)                    # (C, B, 4)
+    assert (kept == round((1 - threshold) * 64)).all(), kept
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(editing_prompt=["blue", "red"], edit_guidance_scale=[4.0]), "edit_guidance_scale has 1 values for 2"),
+    (dict(editing_prompt=["blue", "red"], reverse_editing_direction=[True]), "reverse_editing_direction has 1"),
+    (dict(editing_prompt="blue", edit_threshold=1.0), r"edit_threshold must be in \[0, 1\)"),
+    (dict(editing_prompt="blue", edit_threshold=-0.1), r"edit_threshold must be in \[0, 1\)"),
+    (dict(editing_prompt="blue", edit_guidance_scale=-2.0), "reverse_editing_direction=True"),
+    (dict(editing_prompt="blue", edit_weights=[-1.0]), "edit_weights must be >= 0"),
+    (dict(editing_prompt="blue", edit_warmup_steps=2.5), "edit_warmup_steps must be a step count"),
+    (dict(editing_prompt="blue", edit_mom_beta=1.5), r"edit_mom_beta in \[0, 1\]"),
+    (dict(editing_prompt="blue", guidance_scale=1.0), "needs guidance_scale > 1"),
+    (dict(editing_prompt="blue", editing_prompt_embeddings=torch.zeros(1, 77, 64)), "not both"),
+    (dict(sem_guidance=[torch.zeros(2, 4, 8, 8)]), f"list of {STEPS} tensors"),
+])
+def test_bad_arguments_are_refused(ours, bad, message):
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np") | bad
+    with pytest.raises(ValueError, match=message):
+        ours(PROMPTS, **kwargs)
