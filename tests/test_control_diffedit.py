@@ -1,0 +1,171 @@
+"""DiffEdit against diffusers' StableDiffusionDiffEditPipeline on tiny-sd (DDIM, DDIMInverse; fp32 CPU): the
+same mask, the same inverted latents, the same edited image for the same seeds. Then what it is for: "a red
+circle" -> "a blue circle" turns the circle blue and leaves the background as it was."""
+
+import warnings
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minidiff
+from minidiff.checkpoints import TINY_SD
+from minidiff.control.diffedit import StableDiffusionDiffEditPipeline
+from minidiff.control.inversion import relative_error
+from minidiff.training import evaluate
+
+PIXEL = 1 / 255
+SOURCE, TARGET = "a red circle", "a blue circle"
+SETTINGS = dict(num_inference_steps=20, guidance_scale=3.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """(minidiff, diffusers) DiffEdit pipelines on tiny-sd with DDIM and DDIM inversion, as the tutorial sets them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = StableDiffusionDiffEditPipeline.from_pretrained("tiny-sd")
+        theirs = diffusers.StableDiffusionDiffEditPipeline.from_pretrained(
+            TINY_SD, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ours.scheduler = minidiff.DDIMScheduler.from_config(ours.scheduler.config)
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.inverse_scheduler = diffusers.DDIMInverseScheduler.from_config(theirs.scheduler.config)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def image(pipes):
+    """A red circle that tiny-sd drew: (1, 3, 64, 64) in [0, 1]."""
+    plain = minidiff.StableDiffusionPipeline(**pipes[0].components)
+    plain.set_progress_bar_config(disable=True)
+    image = plain(SOURCE, generator=gen(4), output_type="pt", **SETTINGS).images
+    assert evaluate.analyse(to_uint8(image)).color == "red"
+    return image
+
+
+def to_uint8(image):
+    """(1, 3, H, W) in [0, 1] -> (H, W, 3) uint8, what evaluate.analyse reads."""
+    return (np.asarray(image[0].permute(1, 2, 0)) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def edit(pipes, image):
+    """Each of the three calls in both libraries: {"mask": (ours, theirs), "latents": ..., "images": ...}."""
+    out = {}
+    for name, pipe in zip(("ours", "theirs"), pipes):
+        mask = pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=TARGET, num_maps_per_mask=4,
+                                  generator=gen(1), **SETTINGS)
+        latents = pipe.invert(prompt=SOURCE, image=image, generator=gen(2), **SETTINGS).latents
+        images = pipe(prompt=TARGET, mask_image=mask, image_latents=latents, output_type="np", **SETTINGS).images
+        out[name] = dict(mask=np.asarray(mask, dtype=np.float32), latents=latents, images=images)
+    return out["ours"], out["theirs"]
+
+
+def test_mask_equals_diffusers(edit):
+    ours, theirs = edit
+    assert ours["mask"].shape == theirs["mask"].shape == (1, 8, 8)
+    assert np.array_equal(ours["mask"], theirs["mask"])
+    assert 0 < ours["mask"].mean() < 0.5     # some of the image, not all of it
+
+
+def test_mask_without_guidance(pipes, image, edit):
+    """guidance_scale=1 (diffusers 0.42.1's generate_mask raises a TypeError there): one UNet pass per prompt; the
+    mask still covers the circle, and two identical prompts differ nowhere, so they mask nothing."""
+    pipe = pipes[0]
+    mask = pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=TARGET, num_maps_per_mask=4,
+                              generator=gen(1), num_inference_steps=20, guidance_scale=1.0)
+    guided = edit[0]["mask"]
+    assert (mask * guided).sum() >= 0.5 * guided.sum()
+    same = pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=SOURCE, num_maps_per_mask=2,
+                              generator=gen(1), num_inference_steps=10, guidance_scale=1.0, output_type="pt")
+    assert same.shape == (1, 8, 8) and same.sum() == 0
+
+
+def test_invert_equals_diffusers(edit):
+    ours, theirs = edit
+    assert ours["latents"].shape == theirs["latents"].shape == (1, 16, 4, 8, 8)   # int(0.8 · 20) steps
+    assert relative_error(ours["latents"], theirs["latents"]) < 1e-5
+
+
+def test_full_strength_inversion_and_decoded_latents_equal_diffusers(pipes, image):
+    ours, theirs = (pipe.invert(prompt=SOURCE, image=image, inpaint_strength=1.0, generator=gen(5),
+                                decode_latents=True, output_type="np", num_inference_steps=6, guidance_scale=1.0)
+                    for pipe in pipes)
+    assert ours.latents.shape == (1, 6, 4, 8, 8)
+    assert relative_error(ours.latents, theirs.latents) < 1e-5
+    assert ours.images.shape == (6, 64, 64, 3)
+    assert np.abs(ours.images - theirs.images).max() <= 2 * PIXEL
+
+
+def test_edit_equals_diffusers(edit):
+    ours, theirs = edit
+    assert ours["images"].shape == (1, 64, 64, 3)
+    assert np.abs(ours["images"] - theirs["images"]).max() <= 2 * PIXEL   # measured 0
+
+
+def test_an_empty_mask_gives_back_the_inverted_start(pipes, edit):
+    """Mechanism: with M = 0 every step puts the inverted latents back, so the result is the least noisy of them."""
+    ours = pipes[0]
+    latents = edit[0]["latents"]
+    out = ours(prompt=TARGET, mask_image=np.zeros((8, 8)), image_latents=latents, output_type="latent",
+               return_intermediates=True, **SETTINGS)
+    assert torch.equal(out.images, latents[:, -1])
+    assert len(out.intermediates.latents) == 16
+
+
+def test_the_edit_changes_the_circle_and_keeps_the_background(edit, image):
+    ours, _ = edit
+    before, after = image, torch.from_numpy(ours["images"]).permute(0, 3, 1, 2)       # (1, 3, 64, 64)
+    assert evaluate.analyse(to_uint8(after)).color == "blue"
+    assert evaluate.analyse(to_uint8(after)).shape == "circle"
+    mask = F.interpolate(torch.from_numpy(ours["mask"])[None], scale_factor=8)[0, 0]   # (8, 8) -> (64, 64)
+    change = (after - before).abs().mean(dim=1)[0]                                     # (64, 64)
+    inside = (change * mask).sum() / mask.sum()
+    outside = (change * (1 - mask)).sum() / (1 - mask).sum()
+    assert outside < 0.3 * inside, (outside, inside)                                  # measured 0.013 vs 0.20
+
+
+def test_errors(pipes, image, edit):
+    pipe = pipes[0]
+    mask, latents = edit[0]["mask"], edit[0]["latents"]
+    with pytest.raises(ValueError, match="mask_image must be 8x8"):
+        pipe(prompt=TARGET, mask_image=np.ones((64, 64)), image_latents=latents, **SETTINGS)
+    with pytest.raises(ValueError, match=r"mask_image must hold values in \[0, 1\]"):
+        pipe(prompt=TARGET, mask_image=mask * 255, image_latents=latents, **SETTINGS)
+    with pytest.raises(ValueError, match="Invert with the same two settings"):
+        pipe(prompt=TARGET, mask_image=mask, image_latents=latents, num_inference_steps=10, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="Invert with the same two settings"):
+        pipe(prompt=TARGET, mask_image=mask, image_latents=latents, inpaint_strength=1.0, **SETTINGS)
+    for strength in (0, 1.2):
+        with pytest.raises(ValueError, match=r"inpaint_strength must be a number in \(0, 1\]"):
+            pipe(prompt=TARGET, mask_image=mask, image_latents=latents, inpaint_strength=strength, **SETTINGS)
+        with pytest.raises(ValueError, match=r"inpaint_strength must be a number in \(0, 1\]"):
+            pipe.invert(prompt=SOURCE, image=image, inpaint_strength=strength, **SETTINGS)
+        with pytest.raises(ValueError, match=r"mask_encode_strength must be a number in \(0, 1\]"):
+            pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=TARGET,
+                               mask_encode_strength=strength, **SETTINGS)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe.generate_mask(image=image[..., :60], source_prompt=SOURCE, target_prompt=TARGET, **SETTINGS)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe.invert(prompt=SOURCE, image=image[..., :60], **SETTINGS)
+    with pytest.raises(ValueError, match="2 target prompts and 1 source prompts"):
+        pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=[TARGET, TARGET], **SETTINGS)
+    with pytest.raises(ValueError, match="mask_thresholding_ratio must be a positive number"):
+        pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=TARGET, mask_thresholding_ratio=0,
+                           **SETTINGS)
