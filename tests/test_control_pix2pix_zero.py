@@ -1,0 +1,115 @@
+"""minidiff.control.pix2pix_zero: the same edited image as diffusers' StableDiffusionPix2PixZeroPipeline, plain
+generation when there is nothing to edit, attention guidance that pulls the maps to the reference, and the colour
+change the edit direction asks for."""
+
+import numpy as np
+import pytest
+import torch
+
+import minidiff
+from minidiff.checkpoints import TINY_SD
+from minidiff.control.pix2pix_zero import StableDiffusionPix2PixZeroPipeline
+from minidiff.training import evaluate
+
+SOURCE = ["a red circle", "a red square", "a red triangle", "a red diamond"]
+TARGET = [s.replace("red", "blue") for s in SOURCE]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    # DDIM, as diffusers' example: deterministic, so both passes see the same timesteps and noise.
+    scheduler = minidiff.DDIMScheduler.from_pretrained("tiny-sd", subfolder="scheduler")
+    pipe = StableDiffusionPix2PixZeroPipeline.from_pretrained("tiny-sd", scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def embeds(pipe):
+    return pipe.get_embeds(SOURCE), pipe.get_embeds(TARGET)
+
+
+def edit(pipe, src, tgt, amount, seed=0, **kwargs):
+    kwargs = {"num_inference_steps": 10, "guidance_scale": 3.0, "output_type": "np", **kwargs}
+    return pipe("a red circle", src, tgt, generator=torch.Generator().manual_seed(seed),
+                cross_attention_guidance_amount=amount, **kwargs)
+
+
+def test_same_edit_as_diffusers(pipe, embeds):
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.StableDiffusionPix2PixZeroPipeline.from_pretrained(
+        TINY_SD, scheduler=diffusers.DDIMScheduler.from_pretrained(TINY_SD, subfolder="scheduler"),
+        safety_checker=None, feature_extractor=None, caption_generator=None, caption_processor=None,
+        inverse_scheduler=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    src, tgt = embeds
+    # 30: a step size that moves the latents on tiny-sd (0.1, diffusers' default, is tuned for SD's 64x64 maps).
+    for output_type in ("np", "latent"):
+        ours = edit(pipe, src, tgt, 30.0, output_type=output_type).images
+        ref = theirs("a red circle", source_embeds=src, target_embeds=tgt, num_inference_steps=10, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(0), cross_attention_guidance_amount=30.0,
+                     output_type=output_type).images
+        if output_type == "np":
+            assert np.abs(ours - ref).max() <= 2 / 255
+        else:
+            assert ((ours - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_no_direction_and_no_guidance_is_plain_generation(pipe, embeds):
+    src, _ = embeds
+    out = edit(pipe, src, src, 0.0)
+    plain = minidiff.StableDiffusionPipeline(**pipe.components)(
+        "a red circle", num_inference_steps=10, guidance_scale=3.0, output_type="np",
+        generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(out.images - plain).max() < 1e-4
+    assert np.abs(out.source_images - plain).max() < 1e-4
+
+
+def test_guidance_pulls_the_maps_towards_the_reference(pipe, embeds):
+    src, tgt = embeds
+    free = edit(pipe, src, tgt, 0.0, return_intermediates=True)
+    guided = edit(pipe, src, tgt, 30.0, return_intermediates=True)
+    assert len(guided.attention_loss) == len(guided.source_maps) == len(guided.edited_maps) == 10
+    assert guided.edited_maps[0].shape == (1, 77, 8, 8)
+    assert guided.attention_loss[0] == pytest.approx(free.attention_loss[0])   # before the first step: the same
+    assert sum(guided.attention_loss) < sum(free.attention_loss)
+    assert len(guided.intermediates.latents) == len(guided.source_intermediates.latents) == 10
+
+
+def test_edit_direction_changes_the_colour_and_captions_work(pipe):
+    out = pipe("a red circle", SOURCE, TARGET, num_inference_steps=20, guidance_scale=3.0, num_images_per_prompt=2,
+               generator=[torch.Generator().manual_seed(s) for s in (1, 2)], cross_attention_guidance_amount=30.0)
+    assert [evaluate.analyse(i).color for i in out.source_images] == ["red", "red"]
+    assert [evaluate.analyse(i).color for i in out.images] == ["blue", "blue"]
+    source, edited = (evaluate.analyse(i) for i in (out.source_images[0], out.images[0]))
+    assert source.shape == edited.shape
+
+
+def test_direction_is_the_difference_of_the_means(pipe, embeds):
+    src, tgt = embeds
+    many = pipe.as_embeds(SOURCE, "source_embeds")
+    assert many.shape == (1, 77, 64) and torch.allclose(many, src)
+    two = torch.stack([torch.zeros(77, 64), torch.ones(77, 64)])
+    assert torch.equal(pipe.construct_direction(two, 3 * two), torch.ones(1, 77, 64))
+
+
+def test_bad_inputs_are_explained(pipe, embeds):
+    src, tgt = embeds
+    with pytest.raises(ValueError, match=r"source_embeds must be CLIP embeddings of shape \(N, 77, 64\)"):
+        edit(pipe, src[0], tgt, 0.1)
+    with pytest.raises(ValueError, match="target_embeds must be .* found NoneType"):
+        edit(pipe, src, None, 0.1)
+    with pytest.raises(ValueError, match="cross_attention_guidance_amount must be a number >= 0"):
+        edit(pipe, src, tgt, -1.0)
+    with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 8, 8\)"):
+        edit(pipe, src, tgt, 0.1, latents=torch.randn(1, 4, 16, 16))
+    with pytest.raises(TypeError, match="captions must be a string or a non-empty list"):
+        pipe.get_embeds([])
