@@ -1,0 +1,132 @@
+"""minidiff.control.attend_and_excite against diffusers' StableDiffusionAttendAndExcitePipeline on tiny-sd, and its
+mechanism: no update is plain generation, the updates lower the loss, the pieces equal diffusers' own."""
+
+import warnings
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import (
+    pipeline_stable_diffusion_attend_and_excite as reference)
+
+import minidiff
+from minidiff.checkpoints import TINY_SD
+from minidiff.control.attend_and_excite import (StableDiffusionAttendAndExcitePipeline, attend_and_excite_loss,
+                                                gaussian_kernel, max_attention_per_token)
+from minidiff.pipelines.text import encode_text
+
+PIXEL = 2 / 255  # the bound on the largest pixel difference (images in [0, 1])
+PROMPT = "a red circle and a blue square"      # tokens: 3 = circle, 8 = square (tiny-sd's tokenizer splits "and")
+SUBJECTS = [3, 8]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return quiet(StableDiffusionAttendAndExcitePipeline.from_pretrained("tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def ref():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quiet(diffusers.StableDiffusionAttendAndExcitePipeline.from_pretrained(
+            TINY_SD, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+
+
+# --- parity with diffusers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale_factor, thresholds", [(20, None), (200, {0: 0.3, 3: 0.5})])
+def test_parity_with_diffusers(pipe, ref, scale_factor, thresholds):
+    """tiny-sd's cross-attention maps are 8 x 8 (down and up blocks), so attn_res=(8, 8). Refinement runs at
+    every threshold step (tiny-sd's attention is nearly uniform over the tokens: L stays near 0.99)."""
+    kwargs = dict(token_indices=SUBJECTS, num_inference_steps=8, guidance_scale=3.0, max_iter_to_alter=5,
+                  scale_factor=scale_factor, attn_res=(8, 8), output_type="np")
+    if thresholds is not None:
+        kwargs["thresholds"] = thresholds
+    out = pipe(PROMPT, generator=gen(0), **kwargs)
+    expected = ref(PROMPT, generator=gen(0), **kwargs).images
+    assert out.images.shape == (1, 64, 64, 3) and out.images.std() > 0.02
+    assert np.abs(out.images - expected).max() <= PIXEL
+    assert len(out.losses) == 5 and all(0 < loss[0] <= 1 for loss in out.losses)
+    # The updates matter: the image is not the plain one.
+    plain = quiet(minidiff.StableDiffusionPipeline(**pipe.components))
+    plain_image = plain(PROMPT, generator=gen(0), num_inference_steps=8, guidance_scale=3.0, output_type="np").images
+    assert np.abs(out.images - plain_image).max() > 10 / 255
+
+
+def test_get_indices_as_diffusers(pipe, ref):
+    assert pipe.get_indices(PROMPT) == ref.get_indices(PROMPT)
+    assert pipe.get_indices(PROMPT)[3] == "circle</w>" and pipe.get_indices(PROMPT)[8] == "square</w>"
+
+
+def test_smoothing_and_max_attention_as_diffusers():
+    smoothing = reference.GaussianSmoothing()
+    assert torch.allclose(gaussian_kernel(), smoothing.weight, atol=1e-7)
+    maps = torch.rand(77, 8, 8).softmax(dim=0)                         # (77, h, w): tokens sum to 1 per patch
+    ours = max_attention_per_token(maps, SUBJECTS)
+    theirs = reference.StableDiffusionAttendAndExcitePipeline._compute_max_attention_per_index(
+        maps.permute(1, 2, 0).clone(), SUBJECTS)                        # diffusers' maps are (h, w, 77)
+    assert torch.allclose(ours, torch.stack(theirs), atol=1e-6)
+    loss = attend_and_excite_loss(ours)
+    assert torch.allclose(loss, reference.StableDiffusionAttendAndExcitePipeline._compute_loss(theirs))
+
+
+# --- mechanism ------------------------------------------------------------------------------------------
+def test_no_update_is_plain_generation(pipe):
+    plain = quiet(minidiff.StableDiffusionPipeline(**pipe.components))
+    kwargs = dict(num_inference_steps=8, guidance_scale=3.0, output_type="np")
+    ours = pipe(PROMPT, token_indices=SUBJECTS, max_iter_to_alter=0, thresholds={}, attn_res=(8, 8), generator=gen(2),
+                **kwargs)
+    assert ours.losses == []
+    expected = plain(PROMPT, generator=gen(2), **kwargs).images
+    assert np.abs(ours.images - expected).max() <= 1e-5
+
+
+def test_updates_lower_the_loss(pipe):
+    """Gradient steps z <- z - α ∇L on one noisy latent: the subjects' loss goes down at every step."""
+    text = encode_text(pipe.tokenizer, pipe.text_encoder, [PROMPT], "cpu")
+    pipe.scheduler.set_timesteps(20)
+    t = pipe.scheduler.timesteps[0]
+    z = torch.randn(1, 4, 8, 8, generator=gen(0))
+    losses = []
+    with torch.enable_grad():
+        for _ in range(5):
+            loss, z = pipe.excite(z, t, text, SUBJECTS, (8, 8))
+            losses.append(float(loss))
+            z = z - 200 * torch.autograd.grad(loss, z)[0]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    # a small but real gain: tiny-sd's attention is nearly uniform over the tokens
+    assert losses[0] - losses[-1] > 1e-4
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(token_indices=[0, 3]), ValueError, r"not words of the prompt.*'circle</w>'"),
+    (dict(token_indices=[3, 9]), ValueError, r"choose among 1 to 8 \(0 is the start token, 9 the end token\)"),
+    (dict(token_indices=[[3], [8]]), ValueError, "2 lists of token indices for 1 prompts"),
+    (dict(token_indices="circle"), TypeError, "token_indices must be"),
+    (dict(token_indices=SUBJECTS, attn_res=(16, 16)), ValueError, r"its layers have \[\(8, 8\), \(4, 4\)\]"),
+    (dict(token_indices=SUBJECTS, thresholds={0: 1.5}), ValueError, "thresholds must be a dict"),
+    (dict(token_indices=SUBJECTS, max_iter_to_alter=-1), ValueError, "max_iter_to_alter"),
+    (dict(token_indices=SUBJECTS, scale_factor=-1), ValueError, "scale_factor"),
+])
+def test_bad_input(pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pipe(PROMPT, num_inference_steps=2, guidance_scale=3.0, **kwargs)
