@@ -36,9 +36,12 @@ class InversionOutput:
     intermediates: Intermediates
 
 
-def encode_image(pipe, image, batch_size: int = 1, generator=None) -> torch.Tensor:
-    """A PIL image (or list), or a (B, 3, H, W) tensor in [0, 1] -> z_0 = scaling_factor · sample of q(z | x):
-    (batch_size, 4, H/8, W/8). One image is repeated for every prompt, as diffusers does."""
+def preprocess_image(pipe, image) -> torch.Tensor:
+    """A PIL image (or list), or a (B, 3, H, W) tensor in [0, 1] -> (N, 3, H, W) in [-1, 1].
+
+    As image-to-image, except that a PIL image whose sides are not multiples of 8 is refused rather than
+    shrunk: the edit mask and the inverted latents live on the H/8 x W/8 latent grid of the image as given.
+    """
     f = pipe.vae_scale_factor
     images = [image] if isinstance(image, PIL.Image.Image) else image
     if isinstance(images, (list, tuple)) and images and isinstance(images[0], PIL.Image.Image):
@@ -47,7 +50,12 @@ def encode_image(pipe, image, batch_size: int = 1, generator=None) -> torch.Tens
             raise ValueError(f"The image is {w}x{h} pixels; inversion and DiffEdit need sides that are multiples of "
                              f"{f} (one latent per {f}x{f} pixels). Resize it first, e.g. to "
                              f"{max(f, w - w % f)}x{max(f, h - h % f)}.")
-    pixels = StableDiffusionImg2ImgPipeline.preprocess(pipe, image)   # (N, 3, H, W) in [-1, 1], same checks
+    return StableDiffusionImg2ImgPipeline.preprocess(pipe, image)
+
+
+def encode_image(pipe, pixels: torch.Tensor, batch_size: int = 1, generator=None) -> torch.Tensor:
+    """(N, 3, H, W) pixels in [-1, 1] -> z_0 = scaling_factor · a sample of q(z | x): (batch_size, 4, H/8, W/8).
+    One image is repeated for every prompt, as diffusers does."""
     if batch_size % pixels.shape[0] != 0:
         raise ValueError(f"Got {pixels.shape[0]} images for {batch_size} prompts; pass one image, or one per prompt.")
     pixels = pixels.to(device=pipe.device, dtype=pipe.vae.dtype)
@@ -95,7 +103,7 @@ def ddim_invert(pipe, prompt: str | list[str], image=None, latents: torch.Tensor
 
     # 1. z_0: (B, 4, h, w)
     if latents is None:
-        latents = encode_image(pipe, image, batch_size, generator)
+        latents = encode_image(pipe, preprocess_image(pipe, image), batch_size, generator)
     elif latents.ndim != 4 or latents.shape[0] != batch_size or latents.shape[1] != pipe.unet.config.in_channels:
         raise ValueError(f"latents must be (B, {pipe.unet.config.in_channels}, h, w) with B = {batch_size} prompts; "
                          f"found {tuple(latents.shape)}.")
