@@ -1,5 +1,5 @@
 """minidiff.control.pix2pix_zero: the same edited image as diffusers' StableDiffusionPix2PixZeroPipeline, plain
-generation when there is nothing to edit, attention guidance that pulls the maps to the reference, and the colour
+generation when there is nothing to edit, the same inverted noise as diffusers' invert, attention guidance that pulls the maps to the reference, and the colour
 change the edit direction asks for."""
 
 import numpy as np
@@ -63,6 +63,27 @@ def test_same_edit_as_diffusers(pipe, embeds):
             assert ((ours - ref).norm() / ref.norm()).item() < 1e-3
 
 
+def test_invert_equals_diffusers_and_its_noise_reconstructs_the_image(pipe, embeds):
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.StableDiffusionPix2PixZeroPipeline.from_pretrained(
+        TINY_SD, scheduler=diffusers.DDIMScheduler.from_pretrained(TINY_SD, subfolder="scheduler"),
+        inverse_scheduler=diffusers.DDIMInverseScheduler.from_pretrained(TINY_SD, subfolder="scheduler"),
+        safety_checker=None, feature_extractor=None, caption_generator=None, caption_processor=None,
+        requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    image = edit(pipe, *embeds, 0.0, output_type="pil").source_images[0]          # a "real" image
+    # diffusers' defaults: 5 rounds of auto-correlation (5 random rolls each) and KL steps on ε at every step
+    ours = pipe.invert("a red circle", image, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+    ref = theirs.invert("a red circle", image, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+    assert ((ours.latents - ref.latents).norm() / ref.latents.norm()).item() < 1e-4   # ~2e-6 measured
+    plain = pipe.invert("a red circle", image, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                        num_reg_steps=0)
+    assert not torch.allclose(plain.latents, ours.latents)                          # the regularisation acts
+    # Sampling from the inverted noise gives the image back (approximately), before any edit.
+    back = edit(pipe, *embeds, 0.0, latents=ours.latents).source_images[0]
+    assert np.abs(back - np.asarray(image) / 255).mean() < 0.06                     # 0.027 measured
+
+
 def test_no_direction_and_no_guidance_is_plain_generation(pipe, embeds):
     src, _ = embeds
     out = edit(pipe, src, src, 0.0)
@@ -113,3 +134,8 @@ def test_bad_inputs_are_explained(pipe, embeds):
         edit(pipe, src, tgt, 0.1, latents=torch.randn(1, 4, 16, 16))
     with pytest.raises(TypeError, match="captions must be a string or a non-empty list"):
         pipe.get_embeds([])
+    image = torch.rand(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="lambda_kl must be a number >= 0"):
+        pipe.invert("a red circle", image, num_inference_steps=2, lambda_kl=-1.0)
+    with pytest.raises(TypeError, match="invert takes one torch.Generator"):
+        pipe.invert("a red circle", image, num_inference_steps=2, generator=[torch.Generator()])

@@ -15,8 +15,9 @@ attend where the original pass attended.
    b. ε̃ = guided UNet(x_t, t, c_edit); x_{t-1} = scheduler.step(ε̃, t, x_t)
 4. decode both: the source image and the edited one share the noise, the layout and the other details
 
-Real photos take z_T from DDIM inversion (diffusers' `invert`, with its noise regularisation); that is not
-in this file: pass such inverted noise as `latents`. Without it, the source image is generated from the prompt.
+For a real photo, z_T comes from `invert(caption, image)`: DDIM inversion (minidiff.control.inversion) whose
+noise prediction ε is pulled towards white Gaussian noise at every step (sec. 3.2: an auto-correlation loss
+and a KL term), so that z_T stays editable; pass it as `latents`. Without it, the source image is generated.
 """
 
 from __future__ import annotations
@@ -24,12 +25,46 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..pipelines.base import Intermediates, check_generator, check_output_type, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, classifier_free_guidance, encode_text, prompt_embeddings
 from ..utils import randn_tensor
 from .attention_maps import attention_layers, average_maps, capture
+from .inversion import InversionOutput, encode_image, preprocess_image
+
+
+def auto_correlation_loss(eps: torch.Tensor, generator=None) -> torch.Tensor:
+    """Sec. 3.2: Σ over channels and a pyramid of scales of the squared auto-correlation of ε at a random shift.
+
+    White noise has none; ε: (B, C, h, w). Each level is halved (average pooling) down to 8x8.
+    """
+    loss = 0.0
+    for i in range(eps.shape[0]):
+        for j in range(eps.shape[1]):
+            noise = eps[i:i + 1, j:j + 1]                                        # (1, 1, h, w)
+            while True:
+                shift = torch.randint(noise.shape[2] // 2, (1,), generator=generator).item()
+                loss += (noise * torch.roll(noise, shifts=shift, dims=2)).mean() ** 2
+                loss += (noise * torch.roll(noise, shifts=shift, dims=3)).mean() ** 2
+                if noise.shape[2] <= 8:
+                    break
+                noise = F.avg_pool2d(noise, kernel_size=2)                      # (1, 1, h/2, w/2)
+    return loss
+
+
+def kl_divergence(eps: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) || N(0, 1)) up to a factor 1/2, with μ, σ² of all entries of ε."""
+    mean, var = eps.mean(), eps.var()
+    return var + mean ** 2 - 1 - torch.log(var + 1e-7)
+
+
+def gradient(loss_fn, eps: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        x = eps.detach().requires_grad_(True)
+        grad, = torch.autograd.grad(loss_fn(x), x)
+    return grad
 
 
 @dataclass
@@ -196,3 +231,65 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
             out.images = postprocess(self.decode(latents), output_type)
             out.source_images = postprocess(self.decode(source_latents), output_type)
         return out
+
+    @torch.no_grad()
+    def invert(
+        self,
+        prompt: str | list[str],
+        image,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        lambda_auto_corr: float = 20.0,
+        lambda_kl: float = 20.0,
+        num_reg_steps: int = 5,
+        num_auto_corr_rolls: int = 5,
+        inverse_scheduler=None,
+    ) -> InversionOutput:
+        """Real image (PIL, or (B, 3, H, W) in [0, 1]) -> `.latents` z_T to pass to `__call__(latents=...)`.
+
+        DDIM inversion with, at each step, `num_reg_steps` rounds of gradient steps on ε: `num_auto_corr_rolls`
+        on the auto-correlation loss (step lambda_auto_corr / rolls each), one on the KL term (step lambda_kl).
+        `inverse_scheduler` defaults to DDIMInverseScheduler from this pipeline's scheduler config.
+        """
+        # 0. Check the inputs.
+        from ..schedulers.ddim_inverse import DDIMInverseScheduler
+
+        prompts = as_prompt_list(prompt)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"invert takes one torch.Generator (it draws the VAE sample and the random shifts of "
+                            f"the auto-correlation loss); found {type(generator).__name__}.")
+        for name, value in (("lambda_auto_corr", lambda_auto_corr), ("lambda_kl", lambda_kl),
+                            ("num_reg_steps", num_reg_steps), ("num_auto_corr_rolls", num_auto_corr_rolls)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0 (0 switches that regularisation off); found {value!r}.")
+        inverse = inverse_scheduler or DDIMInverseScheduler.from_config(self.scheduler.config)
+        if inverse.config.prediction_type != "epsilon":
+            raise ValueError(f"invert regularises ε, so it needs an epsilon-prediction model; this scheduler's "
+                             f"prediction_type is {inverse.config.prediction_type!r}.")
+        device = self.device
+        guidance = guidance_scale > 1.0
+
+        # 1. z_0 = scaling_factor · a sample of VAE.encode(image): (B, 4, h, w); 2. the prompt's embeddings.
+        latents = encode_image(self, preprocess_image(self, image), len(prompts), generator)
+        text = prompt_embeddings(self.tokenizer, self.text_encoder, prompts, None, 1, guidance, device)
+
+        # 3. The inverse DDIM loop z_0 -> z_T, ε regularised towards white noise before every step.
+        inverse.set_timesteps(num_inference_steps, device=device)
+        intermediates = Intermediates(initial_latents=latents.clone())
+        for i, t in enumerate(self.progress_bar(inverse.timesteps)):
+            model_input = inverse.scale_model_input(torch.cat([latents] * 2) if guidance else latents, t)
+            eps = self.unet(model_input, t, encoder_hidden_states=text).sample
+            if guidance:
+                eps = classifier_free_guidance(eps, guidance_scale)                 # (2B, ...) -> (B, ...)
+            for _ in range(int(num_reg_steps)):
+                if lambda_auto_corr > 0:
+                    for _ in range(int(num_auto_corr_rolls)):
+                        grad = gradient(lambda e: auto_correlation_loss(e, generator), eps)
+                        eps = eps - lambda_auto_corr * grad / num_auto_corr_rolls
+                if lambda_kl > 0:
+                    eps = eps - lambda_kl * gradient(kl_divergence, eps)
+            out = inverse.step(eps, t, latents)
+            self.record_step(i, t, latents, eps, out, None, intermediates)
+            latents = out.prev_sample
+        return InversionOutput(latents=latents, intermediates=intermediates)
