@@ -1,6 +1,6 @@
-"""minidiff.control.pix2pix_zero: the same edited image as diffusers' StableDiffusionPix2PixZeroPipeline, plain
-generation when there is nothing to edit, the same inverted noise as diffusers' invert, attention guidance that pulls the maps to the reference, and the colour
-change the edit direction asks for."""
+"""minidiff.control.pix2pix_zero: the same edited image and the same inverted noise as diffusers'
+StableDiffusionPix2PixZeroPipeline, plain generation when there is nothing to edit, attention guidance that pulls
+the maps to the reference, and the colour change the edit direction asks for."""
 
 import numpy as np
 import pytest
