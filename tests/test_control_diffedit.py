@@ -127,6 +127,9 @@ def test_an_empty_mask_gives_back_the_inverted_start(pipes, edit):
                return_intermediates=True, **SETTINGS)
     assert torch.equal(out.images, latents[:, -1])
     assert len(out.intermediates.latents) == 16
+    # diffusers also takes the latents flattened to (B·N, 4, h, w)
+    flat = ours(prompt=TARGET, mask_image=np.zeros((8, 8)), image_latents=latents[0], output_type="latent", **SETTINGS)
+    assert torch.equal(flat.images, out.images)
 
 
 def test_the_edit_changes_the_circle_and_keeps_the_background(edit, image):
@@ -152,6 +155,8 @@ def test_errors(pipes, image, edit):
         pipe(prompt=TARGET, mask_image=mask, image_latents=latents, num_inference_steps=10, guidance_scale=3.0)
     with pytest.raises(ValueError, match="Invert with the same two settings"):
         pipe(prompt=TARGET, mask_image=mask, image_latents=latents, inpaint_strength=1.0, **SETTINGS)
+    with pytest.raises(ValueError, match=r"image_latents must be \(B=1, N=16, 4, h, w\)"):
+        pipe(prompt=TARGET, mask_image=mask, image_latents=latents[:, :, :3], **SETTINGS)
     for strength in (0, 1.2):
         with pytest.raises(ValueError, match=r"inpaint_strength must be a number in \(0, 1\]"):
             pipe(prompt=TARGET, mask_image=mask, image_latents=latents, inpaint_strength=strength, **SETTINGS)

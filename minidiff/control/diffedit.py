@@ -13,8 +13,8 @@ Three calls, as in diffusers' `StableDiffusionDiffEditPipeline`:
        z ← M · z + (1 - M) · z_inv
    so the background follows its own inversion path back to the input image.
 
-minidiff matches diffusers 0.42.1 where the two differ from the paper: the mask is not smoothed, and step i
-puts back the inverted latent of the *step's own* timestep t_i (one DDIM step noisier than the new z).
+minidiff matches diffusers 0.42.1 in one detail the paper leaves open: step i (t_i -> t_{i+1}) puts back the
+inverted latent of the step's own timestep t_i, one DDIM step noisier than the new z.
 Left out: diffusers' optional regularisation of the inversion (`lambda_auto_corr`, `lambda_kl`, borrowed from
 pix2pix-zero); it is off by default there (`num_reg_steps=0`), so the default results are the same.
 """
@@ -51,7 +51,9 @@ class StableDiffusionDiffEditPipeline(StableDiffusionPipeline):
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, inverse_scheduler=None):
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler)
-        self.inverse_scheduler = inverse_scheduler or DDIMInverseScheduler.from_config(scheduler.config)
+        if inverse_scheduler is None:
+            inverse_scheduler = DDIMInverseScheduler.from_config(scheduler.config)
+        self.inverse_scheduler = inverse_scheduler
 
     @torch.no_grad()
     def generate_mask(self, image, target_prompt: str | list[str], source_prompt: str | list[str],
@@ -144,10 +146,11 @@ class StableDiffusionDiffEditPipeline(StableDiffusionPipeline):
         if eta and not isinstance(self.scheduler, DDIMScheduler):
             raise ValueError(f"eta={eta} is a DDIMScheduler option; pipe.scheduler is {type(self.scheduler).__name__}.")
         image_latents = torch.as_tensor(image_latents)
-        if image_latents.ndim == 4:                       # (B·N, 4, h, w) -> (B, N, 4, h, w), as diffusers accepts
+        if image_latents.ndim == 4 and image_latents.shape[0] % B == 0:   # (B·N, 4, h, w) -> (B, N, 4, h, w)
             image_latents = image_latents.reshape(B, -1, *image_latents.shape[1:])
-        if image_latents.ndim != 5 or image_latents.shape[:2] != (B, steps_run):
-            raise ValueError(f"image_latents must be (B={B}, N={steps_run}, 4, h, w): the latents of invert() with "
+        C = self.unet.config.in_channels
+        if image_latents.ndim != 5 or image_latents.shape[:3] != (B, steps_run, C):
+            raise ValueError(f"image_latents must be (B={B}, N={steps_run}, {C}, h, w): the latents of invert() with "
                              f"num_inference_steps={num_inference_steps} and inpaint_strength={inpaint_strength}; "
                              f"found {tuple(image_latents.shape)}. Invert with the same two settings.")
         mask = self.preprocess_mask(mask_image, B, image_latents.shape[-2:])          # (B, 1, h, w)

@@ -113,7 +113,9 @@ def ddim_invert(pipe, prompt: str | list[str], image=None, latents: torch.Tensor
     text = prompt_embeddings(pipe.tokenizer, pipe.text_encoder, prompts, negative_prompt, 1, guidance, device)
 
     # 3. Ascending timesteps, the noisiest (1 - strength) of them left out.
-    inverse = inverse_scheduler or DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    inverse = inverse_scheduler
+    if inverse is None:
+        inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(num_inference_steps, device=device)
     timesteps = inverse.timesteps[:steps_run]
 
