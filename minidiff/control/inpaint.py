@@ -61,10 +61,12 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"strength must be a number in (0, 1] (the fraction of the steps to run); found {strength!r}.")
+            raise ValueError(f"strength must be a number in (0, 1] (the fraction of the steps to run); "
+                             f"found {strength!r}.")
         if self.unet.config.in_channels != 4:
             raise ValueError(f"This pipeline blends latents for a text-to-image UNet with 4 input channels; this UNet "
-                             f"has {self.unet.config.in_channels} (a dedicated inpainting UNet), which minidiff does not run.")
+                             f"has {self.unet.config.in_channels} (a dedicated inpainting UNet), which minidiff does "
+                             "not run.")
         check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
         check_generator(generator, batch_size)
@@ -92,7 +94,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         mask = F.interpolate(mask, size=(h, w)).to(device=device, dtype=text.dtype)
         mask = mask.repeat(batch_size // M, 1, 1, 1)                                # tiled: m0, m1, m0, m1, ...
 
-        # 3. Of the N timesteps, keep the last int(strength · N).
+        # 3. Keep the last int(strength · num_inference_steps) timesteps.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         steps_run = min(int(num_inference_steps * strength), num_inference_steps)
         if steps_run == 0:
@@ -105,7 +107,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
 
         # 4. z_0 = scaling_factor · a sample of q(z | image), one per distinct image, tiled: (B, 4, h, w).
         image = image.to(device=device, dtype=text.dtype)
-        gens = generator[:N] if isinstance(generator, (list, tuple)) else generator     # as diffusers: image i, generator i
+        gens = generator[:N] if isinstance(generator, (list, tuple)) else generator   # as diffusers: image i, gen. i
         z0 = self.encode_images(image, gens).repeat(batch_size // N, 1, 1, 1)
         noise = randn_tensor(z0.shape, generator=generator, device=device, dtype=text.dtype)   # ε, kept for step 5
         # diffusers draws one more latent sample here, for the masked image that 9-channel UNets read; drawing it
@@ -125,7 +127,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
             if guidance:
                 eps = classifier_free_guidance(eps, guidance_scale)               # (2B, ...) -> (B, ...)
             out = self.scheduler.step(eps, t, latents, generator=generator)
-            # z_known = add_noise(z_0, ε, t_next): the kept region at the noise level of the next step (z_0 after the last)
+            # z_known = add_noise(z_0, ε, t_next): the kept region at the next step's noise level (z_0 after the last)
             z_known = z0 if i == len(timesteps) - 1 else self.scheduler.add_noise(z0, noise, timesteps[i + 1][None])
             # z <- (1 - m) · z_known + m · z: keep outside the mask, the model's sample inside
             blended = (1 - mask) * z_known + mask * out.prev_sample
@@ -172,9 +174,10 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                 raise ValueError(f"A tensor mask must be (M, 1, H, W), (M, H, W) or (H, W) with one channel; found "
                                  f"shape {tuple(mask_image.shape)}. For an RGB mask, pass mask.mean(1, keepdim=True).")
             if mask.min() < 0 or mask.max() > 1:
-                raise ValueError(f"A tensor mask must hold values in [0, 1] (1 = repaint); found [{mask.min().item():.3g}, "
-                                 f"{mask.max().item():.3g}]. For a 0-255 mask, pass mask / 255.")
+                raise ValueError(f"A tensor mask must hold values in [0, 1] (1 = repaint); found "
+                                 f"[{mask.min().item():.3g}, {mask.max().item():.3g}]. For a 0-255 mask, "
+                                 "pass mask / 255.")
         else:
             raise TypeError(f"mask_image must be a PIL image, a list of PIL images or a torch tensor; "
                             f"found {type(mask_image).__name__}.")
-        return (mask >= 0.5).float()                              # binarise: the blend keeps or replaces, nothing between
+        return (mask >= 0.5).float()                              # binarise: the blend keeps or replaces

@@ -48,7 +48,7 @@ def parse_prompt_weights(prompt: str) -> list[tuple[str, float]]:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string; found {type(prompt).__name__}.")
     pieces: list[list] = []           # [text, weight], in the order of the prompt
-    groups: list[tuple[str, int, int]] = []   # open groups: (bracket, its position in the prompt, index of its first piece)
+    groups: list[tuple[str, int, int]] = []   # open groups: (bracket, position in the prompt, index of first piece)
 
     def close(bracket: str, position: int, weight: float) -> None:
         if not groups or groups[-1][0] != bracket:
@@ -218,7 +218,7 @@ class StableDiffusionPromptWeightingPipeline(StableDiffusionPipeline):
 
     def text_embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                         num_images_per_prompt: int, guidance: bool) -> torch.Tensor:
-        """Step 1: [unconditional; prompt] rows, (2B, 77, D) with guidance, else (B, 77, D); B = P · images per prompt."""
+        """Step 1: [unconditional; prompt], (2B, 77, D) with guidance, else (B, 77, D); B = P · images per prompt."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass either prompt or prompt_embeds (of shape (P, 77, D)), not both and not neither.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
