@@ -17,7 +17,8 @@ SPEC = dict(
            "TIME's closed form W' = (λW + Σ v*cᵀ)(λI + Σ ccᵀ)⁻¹, re-derived by hand and checked against `edit_model`",
            "what λ trades, and how local an edit stays (the edited prompt vs an unrelated one)",
            "Pix2Pix-Zero's edit direction: the difference of two mean caption embeddings",
-           "cross-attention guidance: reference maps, a loss on the maps, one gradient step on the latents per step"],
+           "cross-attention guidance: reference maps, a loss on the maps, one gradient step on the latents per step",
+           "editing a real image: DDIM inversion with the noise regularised towards white noise"],
     cells=[
         (MD, """
         ## 1. TIME: the pipeline and the edit
@@ -211,6 +212,29 @@ SPEC = dict(
         # NBVAL_CHECK_OUTPUT
         print("steps per pass:", len(guided.attention_loss), " maps per step:", tuple(guided.edited_maps[0].shape))
         print("guided loss lower than unguided:", sum(guided.attention_loss) < sum(unguided.attention_loss))
+        """),
+        (MD, """
+        ## 8. A real image
+
+        A real image has no z_T, so `invert` finds one: DDIM inversion (notebook 15) with one addition from
+        the paper (sec. 3.2). At every step the predicted noise ε is nudged, by a few gradient steps, towards
+        white Gaussian noise: no auto-correlation between shifted copies of itself (at several scales) and
+        mean 0, variance 1 (a KL term). Plain DDIM inversion gives a z_T that reproduces the image but is not
+        Gaussian-looking, and edits from it go wrong. Then the same two passes start from that z_T.
+        """),
+        (CODE, """
+        if setup.tiny:                                # a drawing from tiny-sd's training data, not a generated image
+            from minidiff.training import shapes
+            drawn, captions = shapes.render_all(64, seed=0, resolution=64)
+            k = next(i for i, c in enumerate(captions) if " red " in f" {c} ")
+            real, caption = drawn[k:k + 1].float() / 255, captions[k]                   # (1, 3, 64, 64) in [0, 1]
+        else:
+            real, caption = (viz.sample_photo("chelsea", 512) + 1) / 2, "a photo of a cat"
+        inverted = p2p.invert(caption, real, num_inference_steps=p2p_steps, generator=setup.generator(0))
+        edited = p2p(caption, source_embeds, target_embeds, latents=inverted.latents, num_inference_steps=p2p_steps,
+                     guidance_scale=guidance, cross_attention_guidance_amount=amount)
+        viz.image_grid([real[0] * 2 - 1, edited.source_images[0], edited.images[0]],
+                       titles=[caption[:20], "from the inverted z_T", "edited"], panel=1.8);
         """),
     ],
     exercises=["TIME: edit with `restart_params=False` twice (two different concepts). Do both edits survive? What happens if the second edit is the first one reversed?",
