@@ -118,6 +118,7 @@ def test_per_step_guidance_warm_up_and_threshold(ours):
 @pytest.mark.parametrize("bad, message", [
     (dict(editing_prompt=["blue", "red"], edit_guidance_scale=[4.0]), "edit_guidance_scale has 1 values for 2"),
     (dict(editing_prompt=["blue", "red"], reverse_editing_direction=[True]), "reverse_editing_direction has 1"),
+    (dict(editing_prompt="blue", reverse_editing_direction="yes"), "reverse_editing_direction must be True"),
     (dict(editing_prompt="blue", edit_threshold=1.0), r"edit_threshold must be in \[0, 1\)"),
     (dict(editing_prompt="blue", edit_threshold=-0.1), r"edit_threshold must be in \[0, 1\)"),
     (dict(editing_prompt="blue", edit_guidance_scale=-2.0), "reverse_editing_direction=True"),

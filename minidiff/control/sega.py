@@ -229,6 +229,9 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
                         threshold=per_concept(threshold, "edit_threshold", C),
                         weight=per_concept(1.0 if weights is None else weights, "edit_weights", C))
         for c in range(C):
+            if not isinstance(concepts["reverse"][c], bool):
+                raise ValueError(f"reverse_editing_direction must be True (steer away from the concept) or False "
+                                 f"(towards it); found {concepts['reverse'][c]!r} for concept {c}.")
             if not isinstance(concepts["scale"][c], (int, float)) or concepts["scale"][c] < 0:
                 raise ValueError(f"edit_guidance_scale must be >= 0 (to steer away from a concept, set "
                                  f"reverse_editing_direction=True); found {concepts['scale'][c]!r} for concept {c}.")
