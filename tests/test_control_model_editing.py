@@ -121,8 +121,11 @@ def test_alignment_follows_diffusers(pipe):
 
 
 def test_bad_edits_are_explained(pipe):
+    pipe.edit_model("a circle", "a blue circle")
+    edited = weights(pipe)
     with pytest.raises(ValueError, match="Cannot align .* 'red' is not there"):
         pipe.edit_model("a red circle", "a blue circle")
+    assert all(torch.equal(w, edited[n]) for n, w in weights(pipe).items())    # a refused edit changes nothing
     for lamb in (0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="lamb must be a positive finite number"):
             pipe.edit_model("a circle", "a blue circle", lamb=lamb)

@@ -53,16 +53,16 @@ def align_tokens(tokenizer, source: str, destination: str) -> list[int]:
         while j < len(tokens_b) and tokens_b[j] != token:
             j += 1
         if j == len(tokens_b):
+            words_a, words_b = tokenizer.convert_ids_to_tokens(tokens_a), tokenizer.convert_ids_to_tokens(tokens_b)
             raise ValueError(
                 f"Cannot align {source!r} with {destination!r}: TIME needs every source token in the destination, "
-                f"in the same order, but {tokenizer.decode(token)!r} is not there (source tokens "
-                f"{tokenizer.convert_ids_to_tokens(tokens_a)}, destination {tokenizer.convert_ids_to_tokens(tokens_b)})."
-                " Name the concept in the source and add the new attribute in the destination, e.g. "
-                "'a circle' -> 'a blue circle'.")
+                f"in the same order, but {tokenizer.decode(token)!r} is not there (source tokens {words_a}, "
+                f"destination {words_b}). Name the concept in the source and add the new attribute in the "
+                "destination, e.g. 'a circle' -> 'a blue circle'.")
         replace.append(j)
         j += 1
     replace += list(range(j, length))                  # the padding after the destination's end of text
-    replace += [length - 1] * (length - len(replace))  # if the destination is longer, repeat the last position
+    replace += [length - 1] * (length - len(replace))  # short by the destination's extra tokens: repeat the last
     return replace
 
 
@@ -108,29 +108,31 @@ class StableDiffusionModelEditingPipeline(StableDiffusionPipeline):
         if any(layer.fused for layer in layers.values()):
             raise RuntimeError("The cross-attention projections are fused (fuse_qkv_projections), so an edit of "
                                "to_k / to_v would not be used; call pipe.unfuse_qkv_projections() first.")
+
+        # 1. The prompt pairs: the prompts themselves, then each augmentation ("A red rose" -> "a photo of a red rose"),
+        # and for each pair the destination position of every source position (raises before any weight changes).
+        pairs = [(source_prompt, destination_prompt)]
+        for aug in self.with_augs:
+            pairs.append(tuple(aug + (p if p[:1] != "A" else "a" + p[1:]) for p in (source_prompt, destination_prompt)))
+        replaces = [align_tokens(self.tokenizer, source, destination) for source, destination in pairs]  # P x 77
+
         projections = self.projections()
         if self.original_weights is None:
             self.original_weights = {name: p.weight.detach().clone() for name, p in projections.items()}
         if restart_params:
             self.restore_projections()
 
-        # 1. The prompt pairs: the prompts themselves, then each augmentation ("A red rose" -> "a photo of a red rose").
-        pairs = [(source_prompt, destination_prompt)]
-        for aug in self.with_augs:
-            pairs.append(tuple(aug + (p if p[:1] != "A" else "a" + p[1:]) for p in (source_prompt, destination_prompt)))
-
-        # 2. Token embeddings and alignment: c_i (source) and c*_i (the aligned destination token), each (P*77, D).
+        # 2. Token embeddings: c_i of the source, c*_i of the aligned destination token, each (P*77, D).
         c, c_star = [], []
-        for source, destination in pairs:
-            replace = align_tokens(self.tokenizer, source, destination)                   # 77 destination positions
-            old, new = encode_text(self.tokenizer, self.text_encoder, [source, destination], self.device)  # (77, D)
+        for (source, destination), replace in zip(pairs, replaces):
+            old, new = encode_text(self.tokenizer, self.text_encoder, [source, destination], self.device)  # 2 x (77, D)
             c.append(old)
-            c_star.append(new[replace])
+            c_star.append(new[replace])                                                   # (77, D) reordered
         c, c_star = torch.cat(c), torch.cat(c_star)                                       # (P*77, D)
 
         # 3. W' = (lamb W + sum_i v*_i c_i^T)(lamb I + sum_i c_i c_i^T)^-1 for every projection, v*_i = W c*_i.
-        # The 77-token contexts are nearly collinear (lamb I is all that keeps the sum invertible), so the
-        # normal equations are solved in float64: in float32 their round-off reaches ~1e-3 of W.
+        # The token embeddings are nearly collinear (for SD, 4 x 77 of them in 768 dimensions: only lamb I makes
+        # the sum invertible), so the normal equations are solved in float64; in float32 the round-off is ~1e-3 of W.
         D = c.shape[1]
         c64 = c.double()
         mat2 = lamb * torch.eye(D, device=c.device, dtype=torch.float64) + c64.T @ c64       # (D, D), symmetric
