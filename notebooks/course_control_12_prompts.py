@@ -219,7 +219,7 @@ SPEC = dict(
         timesteps = out.intermediates.timesteps
         for i, z in enumerate(out.intermediates.latents):
             known = z0 if i == len(timesteps) - 1 else inpaint.scheduler.add_noise(z0, noise, timesteps[i + 1][None])
-            assert torch.allclose((1 - m) * z, (1 - m) * known, atol=1e-3)
+            assert torch.allclose((1 - m) * z, (1 - m) * known, atol=1e-3 if setup.dtype == torch.float32 else 5e-2)
         print("latent mask:", tuple(m.shape), f"{int(m.sum())} of {m.numel()} positions repainted")
         print(f"the kept region equals add_noise(z0, eps, t_next) after each of the {len(timesteps)} steps")
         """),
