@@ -88,7 +88,7 @@ SPEC = dict(
         ## 2. Invert the whole way, then sample back
 
         `ddim_invert` runs all the steps, without guidance (guidance_scale = 1: classifier-free guidance
-        amplifies the per-step error, Mokady et al. 2022, fig. 3). The latents of every step are kept, from
+        amplifies the per-step error, Mokady et al. 2022, sec. 3). The latents of every step are kept, from
         the image's latent (top) to the inverted noise (bottom). Look at the last row: the circle is still
         there. Inverted noise is not a fresh Gaussian draw; it carries the image's layout, which is exactly
         what lets DDIM find its way back.

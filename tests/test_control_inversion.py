@@ -1,7 +1,7 @@
 """DDIM inversion: DDIMInverseScheduler against diffusers' (timesteps and steps, rel err 0), the exact undoing of
 a DDIM step, and `ddim_invert` on tiny-sd: invert, sample DDIM back from the inverted noise with the same
-prompt, and land close to the start (relative latent error 0.073 measured at 20 steps, guidance 1; about
-1.3 from fresh noise)."""
+prompt, and land close to the start (relative latent error 0.086 measured at 20 steps, guidance 1; 1.23
+from fresh noise)."""
 
 import warnings
 
@@ -128,7 +128,7 @@ def test_round_trip_returns_to_the_start(pipe, generated):
     fresh = pipe(PROMPT, num_inference_steps=20, guidance_scale=1.0, generator=torch.Generator().manual_seed(1),
                  output_type="latent").images
     error, baseline = relative_error(back, z0), relative_error(fresh, z0)
-    assert error < 0.15, error                    # measured 0.073
+    assert error < 0.15, error                    # measured 0.086
     assert error < 0.15 * baseline, (error, baseline)
 
 

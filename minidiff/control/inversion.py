@@ -1,7 +1,7 @@
 """DDIM inversion: find the noise z_T from which DDIM sampling gives back a given image.
 
 Deterministic DDIM (η = 0) is a discretised ODE (Song et al. 2021, https://arxiv.org/abs/2010.02502,
-sec. 4.3), so its steps can be run from the image towards the noise (Dhariwal & Nichol 2021, sec. 4.5;
+sec. 4.3), so its steps can be run from the image towards the noise (Dhariwal & Nichol 2021;
 Mokady et al. 2022, https://arxiv.org/abs/2211.09794, sec. 3). Editing methods (DiffEdit, Null-text
 inversion, pix2pix-zero) start from these latents instead of fresh noise, so the parts they leave alone
 come back unchanged.
@@ -11,7 +11,7 @@ come back unchanged.
 3. the DDIM timesteps in reverse, ascending: t_1 < ... < t_N
 4. for each t_{i}: ε = guided UNet(z_{t_{i-1}}, t_i, text);  z_{t_i} = DDIMInverseScheduler.step(ε, t_i, z)
 5. z_{t_N} ≈ z_T: sampling DDIM from it with the same prompt gives z_0 back (up to the error of step 4,
-   which evaluates ε at the next timestep; guidance > 1 makes that error grow, Mokady et al. 2022, fig. 3)
+   which evaluates ε at the next timestep; guidance > 1 makes that error grow, Mokady et al. 2022, sec. 3)
 """
 
 from __future__ import annotations

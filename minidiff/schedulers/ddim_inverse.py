@@ -1,8 +1,8 @@
 """DDIM inversion: the deterministic DDIM update run backwards, x_{t-1} -> x_t, image -> noise.
 
 DDIM with η = 0 (Song et al. 2021, https://arxiv.org/abs/2010.02502, eq. 12) is an ODE solver, so it can
-be run the other way (sec. 4.3 and eq. 13; Dhariwal & Nichol 2021, https://arxiv.org/abs/2105.05233,
-sec. 4.5; Mokady et al. 2022, https://arxiv.org/abs/2211.09794, eq. 4): from x̂_0 and ε predicted at
+be run the other way (sec. 4.3, eq. 13; Dhariwal & Nichol 2021, https://arxiv.org/abs/2105.05233;
+Mokady et al. 2022, https://arxiv.org/abs/2211.09794, sec. 3): from x̂_0 and ε predicted at
 one noise level, write the sample at the *next*, noisier level:
 
     x_{t+1} = sqrt(ᾱ_{t+1}) x̂_0  +  sqrt(1 - ᾱ_{t+1}) ε,      x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)
