@@ -217,10 +217,11 @@ SPEC = dict(
         ## 8. A real image
 
         A real image has no z_T, so `invert` finds one: DDIM inversion (notebook 15) with one addition from
-        the paper (sec. 3.2). At every step the predicted noise ε is nudged, by a few gradient steps, towards
+        the paper. At every step the predicted noise ε is nudged, by a few gradient steps, towards
         white Gaussian noise: no auto-correlation between shifted copies of itself (at several scales) and
-        mean 0, variance 1 (a KL term). Plain DDIM inversion gives a z_T that reproduces the image but is not
-        Gaussian-looking, and edits from it go wrong. Then the same two passes start from that z_T.
+        mean 0, variance 1 (a KL term). Plain DDIM inversion reproduces the image, but its z_T looks less like
+        Gaussian noise, which the paper found makes edits from it less reliable. Then the same two passes start
+        from that z_T.
         """),
         (CODE, """
         if setup.tiny:                                # a drawing from tiny-sd's training data, not a generated image

@@ -9,15 +9,16 @@ attend where the original pass attended.
 2. source pass: from z_T, generate the original image with c; at every step keep each cross-attention
    layer's maps M_t^ref = softmax(Q K^T / sqrt(d)) (the reference: where each token looks)  -> (2B, heads, N, 77)
 3. edited pass, from the same z_T with c_edit = c + Δc; at every step t:
-   a. cross-attention guidance (sec. 3.3): one UNet call with c_edit records M_t^edit, and
+   a. cross-attention guidance: one UNet call with c_edit records M_t^edit, and
           loss = sum_layers mean_(batch, heads) ||M_t^edit - M_t^ref||^2
           x_t <- x_t - λ ∇_{x_t} loss        (λ = cross_attention_guidance_amount; one SGD step)
    b. ε̃ = guided UNet(x_t, t, c_edit); x_{t-1} = scheduler.step(ε̃, t, x_t)
 4. decode both: the source image and the edited one share the noise, the layout and the other details
 
 For a real photo, z_T comes from `invert(caption, image)`: DDIM inversion (minidiff.control.inversion) whose
-noise prediction ε is pulled towards white Gaussian noise at every step (sec. 3.2: an auto-correlation loss
-and a KL term), so that z_T stays editable; pass it as `latents`. Without it, the source image is generated.
+noise prediction ε is pulled towards white Gaussian noise at every step (the paper's noise regularisation: an
+auto-correlation loss and a KL term), so that z_T stays editable; pass it as `latents`. Without it, the source
+image is generated.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .inversion import InversionOutput, encode_image, preprocess_image
 
 
 def auto_correlation_loss(eps: torch.Tensor, generator=None) -> torch.Tensor:
-    """Sec. 3.2: Σ over channels and a pyramid of scales of the squared auto-correlation of ε at a random shift.
+    """Σ over channels and a pyramid of scales of the squared auto-correlation of ε at a random shift.
 
     White noise has none; ε: (B, C, h, w). Each level is halved (average pooling) down to 8x8.
     """
@@ -169,8 +170,9 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
         cond = slice(B, 2 * B) if guidance else slice(0, B)          # the rows that carry the prompt
         out = Pix2PixZeroOutput(images=None, source_images=None)
 
-        # 2. Source pass: plain generation, keeping every cross-attention map M_t^ref, per step i and layer.
-        # They are kept on the CPU, as diffusers does: at 512x512 they take ~150 MB a step.
+        # 2. Source pass: plain generation, keeping every cross-attention map M_t^ref, per step i and layer (by
+        # step, not by timestep as diffusers: PNDM repeats a timestep). Kept on the CPU, as diffusers does: at
+        # 512x512 they take ~150 MB a step.
         reference = []
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = z_T
@@ -202,7 +204,8 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             # a. loss = sum_layers mean_(batch, heads) sum_(N, 77) (M_t^edit - M_t^ref)^2, then one gradient step
             #    x <- x - λ ∇_x loss. x is the doubled batch: each half moves on its own maps, and (as in the
-            #    authors' code) the unconditional half becomes the new latents.
+            #    authors' code) the unconditional half becomes the new latents. diffusers moves x after
+            #    scale_model_input: the same for DDIM and DDPM, whose scaling is the identity.
             x = (torch.cat([latents] * 2) if guidance else latents).detach().requires_grad_(True)  # (2B, 4, h, w)
             with torch.enable_grad(), capture(layers):
                 self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=text_edit)
