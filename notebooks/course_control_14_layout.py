@@ -64,7 +64,8 @@ SPEC = dict(
         def outline(image, rows, cols, colour):
             \"\"\"A copy of image (3, H, W) with a one-pixel frame around the latent window (rows, cols).\"\"\"
             image = image.clone()
-            top, bottom, left, right = int(rows[0]) * f, (int(rows[-1]) + 1) * f - 1, int(cols[0]) * f, (int(cols[-1]) + 1) * f - 1
+            top, bottom = int(rows[0]) * f, (int(rows[-1]) + 1) * f - 1            # latent rows -> pixel rows
+            left, right = int(cols[0]) * f, (int(cols[-1]) + 1) * f - 1
             c = torch.tensor(colour, dtype=image.dtype)[:, None]
             image[:, top, left:right + 1] = image[:, bottom, left:right + 1] = c
             image[:, top:bottom + 1, left] = image[:, top:bottom + 1, right] = c

@@ -2,17 +2,17 @@
 
 Stable Diffusion often drops one subject of "a cat and a frog": no image position attends strongly to
 "frog". Attend-and-Excite nudges the latents, during the first denoising steps, until every chosen subject
-token has at least one image patch that attends to it (Algorithm 1 of the paper). At step t:
+token has at least one image patch that attends to it (Algorithm 1 of the paper). At step i (timestep t):
 
 1. run the UNet on z_t with the prompt alone, with gradients on, and keep its cross-attention maps at
    `attn_res` (16 x 16 for SD v1, 8 x 8 for tiny-sd), averaged over heads and layers  -> (77, h, w)
 2. drop <|startoftext|> (it takes most of the attention) and the last padding position, and softmax the
    remaining 75 maps over the tokens (x100 first, as the authors' code does)          -> (75, h, w)
 3. smooth each subject token s's map with a 3 x 3 Gaussian (a single hot patch is not enough)
-4. loss:  L = max_s (1 - max_ij A_t^s[i, j])                                          (paper, eq. 2)
-5. update: z_t <- z_t - α_t ∇_z L,  α_t = scale_factor · sqrt(1 - 0.5 · i / (N - 1))   (eq. 3, for i < max_iter_to_alter)
+4. loss:  L = max_s (1 - max_ij A_t^s[i, j])          (the most neglected subject decides)
+5. for i < max_iter_to_alter:  z_t <- z_t - α_i ∇_z L,  α_i = scale_factor · sqrt(1 - 0.5 · i / (N - 1));
    at the steps named in `thresholds` ({0: 0.05, 10: 0.5, 20: 0.8}), first repeat 1-5 until
-   L <= 1 - threshold (or 20 tries): the iterative refinement of sec. 3.3
+   L <= 1 - threshold (or `max_refinement_steps` tries): the paper's iterative latent refinement
 6. the ordinary guided denoising step from the updated z_t
 """
 
@@ -58,13 +58,14 @@ def max_attention_per_token(maps: torch.Tensor, token_indices: list[int]) -> tor
 
 
 def attend_and_excite_loss(max_attention: torch.Tensor) -> torch.Tensor:
-    """Step 4: L = max_s (1 - max A^s), zero once every subject reaches an attention of 1."""
+    """Step 4: L = max_s (1 - max A^s) from the peaks (K,); zero once every subject reaches an attention of 1."""
     return (1.0 - max_attention).clamp(min=0).max()
 
 
 @dataclass
 class AttendAndExciteOutput(ImagePipelineOutput):
-    """`images` and `intermediates` as for every pipeline; `losses[k]`: each image's L at the k-th updated step."""
+    """`images` and `intermediates` as for every pipeline; `losses[k]`: each image's L at the k-th updated step
+    (before its update)."""
 
     losses: list[list[float]] = field(default_factory=list)
 
@@ -97,8 +98,9 @@ class StableDiffusionAttendAndExcitePipeline(StableDiffusionPipeline):
         """`token_indices`: the subject tokens (as in `get_indices`), one list for all prompts or one per prompt.
 
         `thresholds` ({step: minimum max-attention}, default {0: 0.05, 10: 0.5, 20: 0.8}) names the refinement
-        steps. `attn_res`: the size of the maps used (None: (width // 32, height // 32), as diffusers).
-        The output's `losses[i]` holds each image's loss L at step i, before that step's update.
+        steps. `attn_res`: (rows, columns) of the maps used; None: (height / 32, width / 32) rounded up (diffusers
+        writes (width, height), the same for square images). The output's `losses[k]` holds each image's loss L
+        at the k-th step that was updated or refined (the first `max_iter_to_alter`, then threshold steps).
         """
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
@@ -110,7 +112,7 @@ class StableDiffusionAttendAndExcitePipeline(StableDiffusionPipeline):
         height = height or size_h * self.vae_scale_factor
         width = width or size_w * self.vae_scale_factor
         self.check_size(height, width)
-        attn_res = (math.ceil(width / 32), math.ceil(height / 32)) if attn_res is None else tuple(attn_res)
+        attn_res = (math.ceil(height / 32), math.ceil(width / 32)) if attn_res is None else tuple(attn_res)
         check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
         check_generator(generator, batch_size)
@@ -196,7 +198,7 @@ class StableDiffusionAttendAndExcitePipeline(StableDiffusionPipeline):
         return attend_and_excite_loss(max_attention_per_token(maps, token_indices)), z
 
     def refine(self, z, t, text, token_indices, attn_res, loss, threshold, step_size, max_steps):
-        """Iterative refinement (sec. 3.3): gradient steps on z until every subject's max attention reaches
+        """Iterative latent refinement (step 5): gradient steps on z until every subject's max attention reaches
         `threshold` (L <= 1 - threshold), at most `max_steps` times. Returns the new loss and z."""
         for _ in range(max_steps):
             if loss <= 1.0 - threshold:

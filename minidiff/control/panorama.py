@@ -87,9 +87,10 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=text.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma          # (B, 4, h, w), w >= h >= window
+        latents = latents.to(device) * self.scheduler.init_noise_sigma          # (B, 4, h, w), h and w >= window
 
         # 2. The windows F_i, in batches of view_batch_size; each batch steps its own copy of the scheduler.
+        views = [(rows.to(device), cols.to(device)) for rows, cols in views]
         batches = [views[k:k + view_batch_size] for k in range(0, len(views), view_batch_size)]
         schedulers = [copy.deepcopy(self.scheduler) for _ in batches]
         intermediates = Intermediates(initial_latents=latents.clone()) if return_intermediates else None
