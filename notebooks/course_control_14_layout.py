@@ -159,16 +159,17 @@ SPEC = dict(
         ## 7. With and without
 
         Same seeds, same prompt. The first row does no update (`max_iter_to_alter=0`, no refinement: the plain
-        pipeline). The second moves the latents during the first `max_iter_to_alter` steps with the paper's
-        step size (`scale_factor=20`) and refines at the threshold steps 0 and 10 (and 20). The third takes
-        steps 50 times larger. tiny-sd draws one shape per image (it never saw two), so it cannot draw both
-        subjects whatever the attention does; on SD v1-4 the second row is where the frog comes back.
+        pipeline). The second moves the latents during the first half of the steps (the paper: 25 of 50) with
+        the paper's step size (`scale_factor=20`) and refines at the threshold steps 0 and 10 (and 20). The
+        third takes steps 50 times larger. tiny-sd draws one shape per image (it never saw two), so it cannot
+        draw both subjects whatever the attention does. With SD v1-4, the second row is where the paper's
+        neglected subjects come back (for some seeds, not all).
         """),
         (CODE, """
         seeds = [0, 1, 2]
         common = dict(token_indices=subjects, attn_res=attn_res, num_inference_steps=steps, guidance_scale=guidance,
                       output_type="pt", return_intermediates=True)
-        alter = setup.pick(tiny=10, hub=25)
+        alter = steps // 2                                     # steps updated: the paper uses 25 of 50
         runs = {"plain": [ae(prompt, max_iter_to_alter=0, thresholds={}, generator=setup.generator(s), **common)
                           for s in seeds]}
         for scale in (20, 1000):
@@ -213,11 +214,11 @@ SPEC = dict(
         print(f"a uniform spread over the 75 tokens would give {1 / 75:.3f}")
         """),
         (MD, """
-        SD v1's 16 x 16 maps have sharp peaks: a subject that is drawn reaches a peak of 0.5 or more. tiny-sd's
-        cross-attention is nearly uniform over the tokens (its small UNet spreads attention widely), so the
-        peaks sit near 1/75 and the loss near 0.99, far above every threshold: the refinement runs its full
-        20 tries at each threshold step, and the paper's step size barely moves the image. The mechanism still
-        works, as the next two figures show.
+        The authors' thresholds (peaks of 0.05, 0.5 and 0.8 by steps 0, 10 and 20) are set for SD v1's 16 x 16
+        maps, where a subject that gets drawn has a sharp peak. tiny-sd's cross-attention is nearly uniform over
+        the tokens (its small UNet spreads attention widely), so the peaks sit near 1/75 and the loss near 0.99,
+        far above every threshold: the refinement runs its full 20 tries at each threshold step, and the
+        paper's step size barely moves the image. The mechanism still works, as the next two figures show.
         """),
         (MD, """
         ## 9. The loss per step
