@@ -11,6 +11,7 @@ from .vae import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLOutput, Decode
 from .unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel, UNet2DConditionOutput
 
 from .schedulers.ddim import DDIMScheduler
+from .schedulers.ddim_inverse import DDIMInverseScheduler
 from .schedulers.ddpm import DDPMScheduler
 from .schedulers.euler import EulerDiscreteScheduler
 from .schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
@@ -20,5 +21,10 @@ from .schedulers.unipc_multistep import UniPCMultistepScheduler
 
 from .pipelines import (DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, Intermediates,
                         StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+
+from .control import (SemanticStableDiffusionPipeline, StableDiffusionAttendAndExcitePipeline,
+                      StableDiffusionDiffEditPipeline, StableDiffusionInpaintPipeline, StableDiffusionModelEditingPipeline,
+                      StableDiffusionPanoramaPipeline, StableDiffusionPix2PixZeroPipeline,
+                      StableDiffusionPromptWeightingPipeline, StableDiffusionSAGPipeline)
 
 from . import checkpoints  # minidiff.checkpoints.TINY_SD / TINY_DDPM: the bundled folders

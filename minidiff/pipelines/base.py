@@ -54,6 +54,7 @@ TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTokenizer")
 SCHEDULER_CLASSES = {
     "DDPMScheduler": schedulers.DDPMScheduler,
     "DDIMScheduler": schedulers.DDIMScheduler,
+    "DDIMInverseScheduler": schedulers.DDIMInverseScheduler,
     "PNDMScheduler": schedulers.PNDMScheduler,
     "EulerDiscreteScheduler": schedulers.EulerDiscreteScheduler,
     "EulerAncestralDiscreteScheduler": schedulers.EulerAncestralDiscreteScheduler,
@@ -65,6 +66,7 @@ SCHEDULER_CLASSES = {
 def pipeline_classes() -> dict[str, type]:
     """model_index.json `_class_name` -> minidiff pipeline class."""
     # Imported here because these modules import this one.
+    from ..control import PIPELINES as CONTROL_PIPELINES
     from .ddpm import DDPMPipeline
     from .img2img import StableDiffusionImg2ImgPipeline
     from .stable_diffusion import StableDiffusionPipeline
@@ -73,6 +75,7 @@ def pipeline_classes() -> dict[str, type]:
         "DDPMPipeline": DDPMPipeline,
         "StableDiffusionPipeline": StableDiffusionPipeline,
         "StableDiffusionImg2ImgPipeline": StableDiffusionImg2ImgPipeline,
+        **{cls.__name__: cls for cls in CONTROL_PIPELINES},   # minidiff/control: the same folders, other loops
     }
 
 

@@ -2,6 +2,7 @@
 
 from .base import SchedulerBase, SchedulerOutput
 from .ddim import DDIMScheduler, DDIMSchedulerConfig
+from .ddim_inverse import DDIMInverseScheduler, DDIMInverseSchedulerConfig
 from .ddpm import DDPMScheduler, DDPMSchedulerConfig
 from .euler import EulerDiscreteScheduler, EulerDiscreteSchedulerConfig
 from .euler_ancestral import EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig
