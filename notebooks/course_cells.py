@@ -1394,5 +1394,12 @@ ATTENTION = dict(
 
 from course_training import TRAINING  # noqa: E402
 
-for spec in (TRAINING, ATTENTION):
+# Notebooks 12-16 (controlled generation, minidiff/control/) each have their own file.
+from course_control_12_prompts import SPEC as PROMPTS  # noqa: E402
+from course_control_13_guidance import SPEC as GUIDANCE  # noqa: E402
+from course_control_14_layout import SPEC as LAYOUT  # noqa: E402
+from course_control_15_editing import SPEC as EDITING  # noqa: E402
+from course_control_16_attention_editing import SPEC as ATTENTION_EDITING  # noqa: E402
+
+for spec in (TRAINING, ATTENTION, PROMPTS, GUIDANCE, LAYOUT, EDITING, ATTENTION_EDITING):
     notebook(spec["file"], spec["title"], spec["intro"], spec["learn"], spec["cells"], spec["exercises"])
