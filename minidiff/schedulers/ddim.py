@@ -55,6 +55,29 @@ class DDIMSchedulerConfig:
     }
 
 
+def predict_x0_and_eps(config, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t):
+    """Steps 3-4 of DDIM's step (and of DDIMInverseScheduler's): x_t and the model output -> (x̂_0, ε), each
+    (B, C, H, W), from x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε whatever the model predicts; x̂_0 clipped if
+    `config.clip_sample`."""
+    beta_bar_t = 1 - alpha_bar_t
+    # 3. "predicted x_0" of eq. 12, and the ε that goes with it
+    if config.prediction_type == "epsilon":
+        x0_pred = (sample - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5
+        eps = model_output
+    elif config.prediction_type == "sample":
+        x0_pred = model_output
+        eps = (sample - alpha_bar_t ** 0.5 * x0_pred) / beta_bar_t ** 0.5
+    else:  # "v_prediction", v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
+        x0_pred = alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output
+        eps = alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample
+
+    # 4. clip x̂_0 to the image range
+    if config.clip_sample:
+        r = config.clip_sample_range
+        x0_pred = x0_pred.clamp(-r, r)
+    return x0_pred, eps
+
+
 class DDIMScheduler(SchedulerBase):
     """DDIM sampling. `timesteps`: LongTensor, descending. `step(..., eta=0.0)` is deterministic."""
 
@@ -91,21 +114,8 @@ class DDIMScheduler(SchedulerBase):
         alpha_bar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
         beta_bar_t = 1 - alpha_bar_t
 
-        # 3. "predicted x_0" of eq. 12, and the ε that goes with it
-        if self.config.prediction_type == "epsilon":
-            x0_pred = (sample - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5
-            eps = model_output
-        elif self.config.prediction_type == "sample":
-            x0_pred = model_output
-            eps = (sample - alpha_bar_t ** 0.5 * x0_pred) / beta_bar_t ** 0.5
-        else:  # "v_prediction", v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
-            x0_pred = alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output
-            eps = alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample
-
-        # 4. clip x̂_0 to the image range
-        if self.config.clip_sample:
-            r = self.config.clip_sample_range
-            x0_pred = x0_pred.clamp(-r, r)
+        # 3.-4. "predicted x_0" of eq. 12, clipped to the image range, and the ε that goes with it
+        x0_pred, eps = predict_x0_and_eps(self.config, model_output, sample, alpha_bar_t)
 
         # 5. σ_t(η), eq. 16
         variance = ((1 - alpha_bar_prev) / beta_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps
+from .ddim import predict_x0_and_eps
 
 
 @dataclass(frozen=True)
@@ -94,23 +95,9 @@ class DDIMInverseScheduler(SchedulerBase):
         # 2. ᾱ_t (the initial ᾱ before the first step) and ᾱ_{t+1}
         alpha_bar_t = self.alphas_cumprod[t] if t >= 0 else self.initial_alpha_cumprod
         alpha_bar_next = self.alphas_cumprod[t_next]
-        beta_bar_t = 1 - alpha_bar_t
 
-        # 3. x̂_0 and ε at the current level, as in DDIM's step 3
-        if self.config.prediction_type == "epsilon":
-            x0_pred = (sample - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5
-            eps = model_output
-        elif self.config.prediction_type == "sample":
-            x0_pred = model_output
-            eps = (sample - alpha_bar_t ** 0.5 * x0_pred) / beta_bar_t ** 0.5
-        else:  # "v_prediction", v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
-            x0_pred = alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output
-            eps = alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample
-
-        # 4. clip x̂_0 to the image range
-        if self.config.clip_sample:
-            r = self.config.clip_sample_range
-            x0_pred = x0_pred.clamp(-r, r)
+        # 3.-4. x̂_0 (clipped) and ε at the current level, as in DDIM's steps 3-4
+        x0_pred, eps = predict_x0_and_eps(self.config, model_output, sample, alpha_bar_t)
 
         # 5. x_{t+1} = sqrt(ᾱ_{t+1}) x̂_0 + sqrt(1 - ᾱ_{t+1}) ε   (eq. 12 with t-1 -> t+1, σ = 0)
         next_sample = alpha_bar_next ** 0.5 * x0_pred + (1 - alpha_bar_next) ** 0.5 * eps
