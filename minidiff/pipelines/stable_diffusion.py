@@ -62,19 +62,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         """
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
-        size = self.unet.config.sample_size  # in latents: 64 for SD v1, so 64 * 8 = 512 pixels
-        size_h, size_w = (size, size) if isinstance(size, int) else size
-        height = height or size_h * self.vae_scale_factor
-        width = width or size_w * self.vae_scale_factor
-        self.check_size(height, width)
-        check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
-        check_generator(generator, batch_size)
-        latent_shape = (batch_size, self.unet.config.in_channels,
-                        height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} for {batch_size} images of {height}x{width}; "
-                             f"found {tuple(latents.shape)}.")
+        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
         self.warn_if_slow()
         device = self.device
         guidance = guidance_scale > 1.0
@@ -86,10 +75,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         # 2. Timesteps t_1 > ... > t_N.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
 
-        # 3. z_T ~ N(0, σ_T² I): (B, 4, H/8, W/8). Euler-type schedulers start at σ_max, not 1.
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=text.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        # 3. z_T ~ N(0, σ_T² I): (B, 4, H/8, W/8).
+        latents = self.prepare_latents(latent_shape, text.dtype, generator, latents)
 
         # 4. The denoising loop.
         intermediates = Intermediates(initial_latents=latents.clone()) if return_intermediates else None
@@ -99,6 +86,25 @@ class StableDiffusionPipeline(DiffusionPipeline):
         # 5. Decode the latents into images.
         images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
         return ImagePipelineOutput(images=images, intermediates=intermediates)
+
+    def check_inputs(self, batch_size: int, height, width, output_type: str, generator, latents):
+        """Step 0 of text-to-image and of most controlled pipelines -> (height, width, latent_shape), or a clear error.
+
+        height and width default to the UNet's sample_size in pixels; latent_shape is (B, 4, H/8, W/8).
+        """
+        size = self.unet.config.sample_size  # in latents: 64 for SD v1, so 64 * 8 = 512 pixels
+        size_h, size_w = (size, size) if isinstance(size, int) else size
+        height = height or size_h * self.vae_scale_factor
+        width = width or size_w * self.vae_scale_factor
+        self.check_size(height, width)
+        check_output_type(output_type)
+        check_generator(generator, batch_size)
+        latent_shape = (batch_size, self.unet.config.in_channels,
+                        height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(f"latents must have shape {latent_shape} for {batch_size} images of {height}x{width}; "
+                             f"found {tuple(latents.shape)}.")
+        return height, width, latent_shape
 
     def check_size(self, height, width) -> None:
         f = self.vae_scale_factor
@@ -112,18 +118,53 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
     def denoise(self, latents, timesteps, text, guidance_scale, generator, callback=None, intermediates=None):
         """Step 4, shared with image-to-image: z_{t_1} -> z_0 along `timesteps`. latents: (B, 4, h, w)."""
-        guidance = guidance_scale > 1.0
         for i, t in enumerate(self.progress_bar(timesteps)):
-            # With guidance, one UNet call on the doubled batch: (B, ...) -> (2B, ...) [unconditional; prompt].
-            model_input = torch.cat([latents] * 2) if guidance else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            eps = self.unet(model_input, t, encoder_hidden_states=text).sample
-            if guidance:
-                eps = classifier_free_guidance(eps, guidance_scale)       # (2B, ...) -> (B, ...)
+            eps = self.guided_eps(latents, t, text, guidance_scale)      # ε̃: (B, 4, h, w)
             out = self.scheduler.step(eps, t, latents, generator=generator)
             self.record_step(i, t, latents, eps, out, callback, intermediates)
             latents = out.prev_sample
         return latents
+
+    def prepare_latents(self, latent_shape, dtype, generator=None, latents=None) -> torch.Tensor:
+        """Step 3: z_T ~ N(0, σ_T² I), or the given `latents` times σ_T: (B, 4, h, w).
+
+        σ_T is the scheduler's init_noise_sigma: 1, or σ_max for Euler-type schedulers.
+        """
+        if latents is None:
+            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=dtype)
+        return latents.to(self.device) * self.scheduler.init_noise_sigma
+
+    def guided_eps(self, latents, t, text, guidance_scale: float, scheduler=None) -> torch.Tensor:
+        """The guided noise estimate ε̃ = ε(z_t) + s (ε(z_t, c) - ε(z_t)) of one UNet call: (B, 4, h, w) -> (B, 4, h, w).
+
+        text: (2B, 77, D) [unconditional; prompt], or (B, 77, D) when guidance_scale <= 1 (no guidance).
+        `scheduler` (its scale_model_input) defaults to self.scheduler.
+        """
+        scheduler = self.scheduler if scheduler is None else scheduler
+        guidance = guidance_scale > 1.0
+        # With guidance, one UNet call on the doubled batch: (B, ...) -> (2B, ...) [unconditional; prompt].
+        model_input = torch.cat([latents] * 2) if guidance else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        eps = self.unet(model_input, t, encoder_hidden_states=text).sample
+        if guidance:
+            eps = classifier_free_guidance(eps, guidance_scale)           # (2B, ...) -> (B, ...)
+        return eps
+
+    def encode(self, image: torch.Tensor, batch_size: int, generator=None) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> z_0 = scaling_factor · a sample of q(z | image), tiled: (B, 4, H/8, W/8).
+
+        B = batch_size, a multiple of N; output i comes from image i mod N (0, 1, 0, 1, ...).
+        """
+        repeats = batch_size // image.shape[0]
+        if isinstance(generator, (list, tuple)):
+            # One image at a time, so that output i depends on generator i alone.
+            image = torch.cat([image] * repeats)                                 # (B, 3, H, W)
+            z0 = torch.cat([self.vae.encode(image[i:i + 1]).latent_dist.sample(generator[i])
+                            for i in range(batch_size)])
+        else:
+            # diffusers encodes each distinct image once and tiles the latents (image 0, 1, 0, 1, ...).
+            z0 = torch.cat([self.vae.encode(image).latent_dist.sample(generator)] * repeats)
+        return self.vae.config.scaling_factor * z0
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) latents -> (B, 3, 8h, 8w) images in [-1, 1]; undoes the 0.18215 scaling first."""
