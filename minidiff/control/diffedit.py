@@ -175,11 +175,7 @@ class StableDiffusionDiffEditPipeline(StableDiffusionPipeline):
         intermediates = Intermediates(initial_latents=latents.clone()) if return_intermediates else None
         step_options = {"eta": eta, "generator": generator} if eta else {}
         for i, t in enumerate(self.progress_bar(timesteps)):
-            model_input = torch.cat([latents] * 2) if guidance else latents           # (B', ...) -> (2B', ...)
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            eps = self.unet(model_input, t, encoder_hidden_states=text).sample
-            if guidance:
-                eps = classifier_free_guidance(eps, guidance_scale)                    # (2B', ...) -> (B', ...)
+            eps = self.guided_eps(latents, t, text, guidance_scale)                   # ε̃: (B', 4, h, w)
             out = self.scheduler.step(eps, t, latents, **step_options)
             # z ← M · z + (1 - M) · z_inv: outside the mask, the inverted latents of this step
             out.prev_sample = mask * out.prev_sample + (1 - mask) * image_latents[i]

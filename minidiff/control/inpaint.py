@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..pipelines.base import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from ..pipelines.img2img import StableDiffusionImg2ImgPipeline
-from ..pipelines.text import as_prompt_list, classifier_free_guidance, prompt_embeddings
+from ..pipelines.text import as_prompt_list, prompt_embeddings
 from ..utils import randn_tensor
 
 
@@ -94,21 +94,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         mask = F.interpolate(mask, size=(h, w)).to(device=device, dtype=text.dtype)
         mask = mask.repeat(batch_size // M, 1, 1, 1)                                # tiled: m0, m1, m0, m1, ...
 
-        # 3. Keep the last int(strength · num_inference_steps) timesteps.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        steps_run = min(int(num_inference_steps * strength), num_inference_steps)
-        if steps_run == 0:
-            raise ValueError(f"strength={strength} of num_inference_steps={num_inference_steps} runs no step "
-                             "(int(strength * num_inference_steps) = 0); raise strength or num_inference_steps.")
-        t_start = num_inference_steps - steps_run
-        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order:]
-        if hasattr(self.scheduler, "set_begin_index"):  # Euler-type schedulers track their position in σ
-            self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        # 3. Keep the last int(strength · num_inference_steps) timesteps, as in image-to-image.
+        timesteps = self.get_timesteps(num_inference_steps, strength)
 
         # 4. z_0 = scaling_factor · a sample of q(z | image), one per distinct image, tiled: (B, 4, h, w).
         image = image.to(device=device, dtype=text.dtype)
         gens = generator[:N] if isinstance(generator, (list, tuple)) else generator   # as diffusers: image i, gen. i
-        z0 = self.encode_images(image, gens).repeat(batch_size // N, 1, 1, 1)
+        z0 = self.encode(image, N, gens).repeat(batch_size // N, 1, 1, 1)
         noise = randn_tensor(z0.shape, generator=generator, device=device, dtype=text.dtype)   # ε, kept for step 5
         # diffusers draws one more latent sample here, for the masked image that 9-channel UNets read; drawing it
         # too keeps the generator's later draws (the noise of DDPM / Euler ancestral steps) the same as there.
@@ -121,11 +113,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         # 5. The denoising loop, with the kept region put back after every step.
         intermediates = Intermediates(initial_latents=latents.clone()) if return_intermediates else None
         for i, t in enumerate(self.progress_bar(timesteps)):
-            model_input = torch.cat([latents] * 2) if guidance else latents        # (B, ...) -> (2B, ...)
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            eps = self.unet(model_input, t, encoder_hidden_states=text).sample
-            if guidance:
-                eps = classifier_free_guidance(eps, guidance_scale)               # (2B, ...) -> (B, ...)
+            eps = self.guided_eps(latents, t, text, guidance_scale)              # ε̃: (B, 4, h, w)
             out = self.scheduler.step(eps, t, latents, generator=generator)
             # z_known = add_noise(z_0, ε, t_next): the kept region at the next step's noise level (z_0 after the last)
             z_known = z0 if i == len(timesteps) - 1 else self.scheduler.add_noise(z0, noise, timesteps[i + 1][None])
@@ -138,16 +126,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         # 6. Decode.
         images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
         return ImagePipelineOutput(images=images, intermediates=intermediates)
-
-    def encode_images(self, image: torch.Tensor, generator) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> z_0 = scaling_factor · a sample of q(z | image): (N, 4, h, w).
-        With a list of generators, image i uses generator i."""
-        if isinstance(generator, (list, tuple)):
-            z0 = torch.cat([self.vae.encode(image[i:i + 1]).latent_dist.sample(generator[i])
-                            for i in range(image.shape[0])])
-        else:
-            z0 = self.vae.encode(image).latent_dist.sample(generator)
-        return self.vae.config.scaling_factor * z0
 
     def preprocess_mask(self, mask_image) -> torch.Tensor:
         """PIL mask(s) (white = repaint) or a tensor in [0, 1] -> (M, 1, H, W) in {0, 1}, binarised at 0.5.

@@ -23,7 +23,7 @@ import torch
 
 from ..pipelines.base import Intermediates
 from ..pipelines.img2img import StableDiffusionImg2ImgPipeline
-from ..pipelines.text import as_prompt_list, classifier_free_guidance, prompt_embeddings
+from ..pipelines.text import as_prompt_list, prompt_embeddings
 from ..schedulers.ddim_inverse import DDIMInverseScheduler
 
 
@@ -58,14 +58,7 @@ def encode_image(pipe, pixels: torch.Tensor, batch_size: int = 1, generator=None
     One image is repeated for every prompt, as diffusers does."""
     if batch_size % pixels.shape[0] != 0:
         raise ValueError(f"Got {pixels.shape[0]} images for {batch_size} prompts; pass one image, or one per prompt.")
-    pixels = pixels.to(device=pipe.device, dtype=pipe.vae.dtype)
-    if isinstance(generator, (list, tuple)):
-        pixels = torch.cat([pixels] * (batch_size // pixels.shape[0]))                # (B, 3, H, W)
-        z0 = torch.cat([pipe.vae.encode(pixels[i:i + 1]).latent_dist.sample(generator[i]) for i in range(batch_size)])
-    else:
-        z0 = pipe.vae.encode(pixels).latent_dist.sample(generator)                     # (N, 4, h, w)
-        z0 = torch.cat([z0] * (batch_size // z0.shape[0]))                             # (B, 4, h, w)
-    return pipe.vae.config.scaling_factor * z0
+    return pipe.encode(pixels.to(device=pipe.device, dtype=pipe.vae.dtype), batch_size, generator)
 
 
 def check_strength(name: str, strength, num_inference_steps: int) -> int:
@@ -122,10 +115,7 @@ def ddim_invert(pipe, prompt: str | list[str], image=None, latents: torch.Tensor
     # 4. The noising loop: z_{t_{i-1}} -> z_{t_i}, the model called at the target timestep t_i.
     intermediates = Intermediates(initial_latents=latents.clone())
     for i, t in enumerate(pipe.progress_bar(timesteps)):
-        model_input = torch.cat([latents] * 2) if guidance else latents            # (B, ...) -> (2B, ...)
-        eps = pipe.unet(model_input, t, encoder_hidden_states=text).sample
-        if guidance:
-            eps = classifier_free_guidance(eps, guidance_scale)                    # (2B, ...) -> (B, ...)
+        eps = pipe.guided_eps(latents, t, text, guidance_scale, scheduler=inverse)  # ε̃: (B, 4, h, w)
         out = inverse.step(eps, t, latents)
         pipe.record_step(i, t, latents, eps, out, callback, intermediates)
         latents = out.prev_sample

@@ -66,28 +66,10 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                                  guidance, device)
 
         # 2. Of the N timesteps, keep the last int(strength · N).
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        steps_run = min(int(num_inference_steps * strength), num_inference_steps)
-        if steps_run == 0:
-            raise ValueError(f"strength={strength} of num_inference_steps={num_inference_steps} runs no step "
-                             "(int(strength * num_inference_steps) = 0); raise strength or num_inference_steps.")
-        t_start = num_inference_steps - steps_run
-        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order:]
-        if hasattr(self.scheduler, "set_begin_index"):  # Euler-type schedulers track their position in σ
-            self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        timesteps = self.get_timesteps(num_inference_steps, strength)
 
         # 3. z_0 = scaling_factor · a sample of q(z | image): (B, 4, H/8, W/8).
-        image = image.to(device=device, dtype=text.dtype)
-        repeats = batch_size // image.shape[0]
-        if isinstance(generator, (list, tuple)):
-            # One image at a time, so that output i depends on generator i alone.
-            image = torch.cat([image] * repeats)                                 # (B, 3, H, W)
-            z0 = torch.cat([self.vae.encode(image[i:i + 1]).latent_dist.sample(generator[i])
-                            for i in range(batch_size)])
-        else:
-            # diffusers encodes each distinct image once and tiles the latents (image 0, 1, 0, 1, ...).
-            z0 = torch.cat([self.vae.encode(image).latent_dist.sample(generator)] * repeats)
-        z0 = self.vae.config.scaling_factor * z0
+        z0 = self.encode(image.to(device=device, dtype=text.dtype), batch_size, generator)
 
         # 4. z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε at the first kept timestep (Ho et al. 2020, eq. 4).
         noise = randn_tensor(z0.shape, generator=generator, device=device, dtype=text.dtype)
@@ -98,6 +80,18 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         latents = self.denoise(latents, timesteps, text, guidance_scale, generator, callback, intermediates)
         images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
         return ImagePipelineOutput(images=images, intermediates=intermediates)
+
+    def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """Step 2: set the N timesteps and keep the last int(strength · N), t_start, ..., t_N."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        steps_run = min(int(num_inference_steps * strength), num_inference_steps)
+        if steps_run == 0:
+            raise ValueError(f"strength={strength} of num_inference_steps={num_inference_steps} runs no step "
+                             "(int(strength * num_inference_steps) = 0); raise strength or num_inference_steps.")
+        t_start = num_inference_steps - steps_run
+        if hasattr(self.scheduler, "set_begin_index"):  # Euler-type schedulers track their position in σ
+            self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        return self.scheduler.timesteps[t_start * self.scheduler.order:]
 
     def preprocess(self, image) -> torch.Tensor:
         """PIL image(s) or a tensor in [0, 1] -> (N, 3, H, W) in [-1, 1], H and W multiples of 8.
