@@ -25,10 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
+from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
-from ..pipelines.text import as_prompt_list, classifier_free_guidance, prompt_embeddings
-from ..utils import randn_tensor
+from ..pipelines.text import as_prompt_list, prompt_embeddings
 from .attention_maps import attention_layers, average_maps, capture, layer_size
 
 
@@ -107,20 +106,9 @@ class StableDiffusionAttendAndExcitePipeline(StableDiffusionPipeline):
         thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if thresholds is None else thresholds
         per_prompt = self.check_token_indices(prompts, token_indices)
         self.check_schedule(max_iter_to_alter, thresholds, scale_factor, max_refinement_steps)
-        size = self.unet.config.sample_size
-        size_h, size_w = (size, size) if isinstance(size, int) else size
-        height = height or size_h * self.vae_scale_factor
-        width = width or size_w * self.vae_scale_factor
-        self.check_size(height, width)
-        attn_res = (math.ceil(height / 32), math.ceil(width / 32)) if attn_res is None else tuple(attn_res)
-        check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
-        check_generator(generator, batch_size)
-        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latent_shape = (batch_size, self.unet.config.in_channels, *latent_hw)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} for {batch_size} images of {height}x{width}; "
-                             f"found {tuple(latents.shape)}.")
+        height, width, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
+        attn_res = (math.ceil(height / 32), math.ceil(width / 32)) if attn_res is None else tuple(attn_res)
         self.warn_if_slow()
         device = self.device
         guidance = guidance_scale > 1.0
@@ -134,9 +122,7 @@ class StableDiffusionAttendAndExcitePipeline(StableDiffusionPipeline):
         # 2. Timesteps, z_T, and the step sizes α_i = scale_factor · sqrt(linspace(1, 0.5, N)[i]).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=text.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(latent_shape, text.dtype, generator, latents)
         step_sizes = scale_factor * np.sqrt(np.linspace(1.0, 0.5, len(timesteps)))
 
         intermediates = Intermediates(initial_latents=latents.clone()) if return_intermediates else None
@@ -162,11 +148,7 @@ class StableDiffusionAttendAndExcitePipeline(StableDiffusionPipeline):
                 losses.append(step_losses)
 
             # 6. The ordinary guided step from the updated latents.
-            model_input = torch.cat([latents] * 2) if guidance else latents   # (B, ...) -> (2B, ...)
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            eps = self.unet(model_input, t, encoder_hidden_states=text).sample
-            if guidance:
-                eps = classifier_free_guidance(eps, guidance_scale)             # (2B, ...) -> (B, ...)
+            eps = self.guided_eps(latents, t, text, guidance_scale)              # ε̃: (B, 4, h, w)
             out = self.scheduler.step(eps, t, latents, generator=generator)
             self.record_step(i, t, latents, eps, out, callback, intermediates)
             latents = out.prev_sample

@@ -23,12 +23,10 @@ import copy
 
 import torch
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess, \
-    predict_x0
+from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess, predict_x0
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, classifier_free_guidance, prompt_embeddings
 from ..schedulers.base import SchedulerOutput
-from ..utils import randn_tensor
 
 
 class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
@@ -62,21 +60,14 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
         prompts = as_prompt_list(prompt)
         f = self.vae_scale_factor
         window = self.window_size
-        height = height or window * f
-        width = width or 4 * window * f
-        self.check_size(height, width)
+        batch_size = len(prompts) * num_images_per_prompt
+        height, width, latent_shape = self.check_inputs(batch_size, height or window * f, width or 4 * window * f,
+                                                        output_type, generator, latents)
         stride = window // 8 if stride is None else stride
         views = self.get_views(height // f, width // f, window, stride, circular_padding)
         if not isinstance(view_batch_size, int) or view_batch_size < 1:
             raise ValueError(f"view_batch_size must be a positive integer (windows per UNet call); "
                              f"found {view_batch_size!r}.")
-        check_output_type(output_type)
-        batch_size = len(prompts) * num_images_per_prompt
-        check_generator(generator, batch_size)
-        latent_shape = (batch_size, self.unet.config.in_channels, height // f, width // f)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} for {batch_size} images of {height}x{width}; "
-                             f"found {tuple(latents.shape)}.")
         self.warn_if_slow()
         device = self.device
         guidance = guidance_scale > 1.0
@@ -85,9 +76,7 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
         text = prompt_embeddings(self.tokenizer, self.text_encoder, prompts, negative_prompt, num_images_per_prompt,
                                  guidance, device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=text.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma          # (B, 4, h, w), h and w >= window
+        latents = self.prepare_latents(latent_shape, text.dtype, generator, latents)   # (B, 4, h, w), h, w >= window
 
         # 2. The windows F_i, in batches of view_batch_size; each batch steps its own copy of the scheduler.
         views = [(rows.to(device), cols.to(device)) for rows, cols in views]

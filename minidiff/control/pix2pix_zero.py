@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.base import Intermediates, check_generator, check_output_type, postprocess
+from ..pipelines.base import Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, classifier_free_guidance, encode_text, prompt_embeddings
-from ..utils import randn_tensor
 from .attention_maps import attention_layers, average_maps, capture
 from .inversion import InversionOutput, encode_image, preprocess_image
 
@@ -144,17 +143,9 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
                              f"attention-map guidance; 0.1 in diffusers); found {cross_attention_guidance_amount!r}.")
         source_embeds = self.as_embeds(source_embeds, "source_embeds")
         target_embeds = self.as_embeds(target_embeds, "target_embeds")
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_size(height, width)
-        check_output_type(output_type)
         B = len(prompts) * num_images_per_prompt
-        check_generator(generator, B)
-        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        latent_shape = (B, self.unet.config.in_channels, h, w)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} for {B} images of {height}x{width}; "
-                             f"found {tuple(latents.shape)}.")
+        _, _, latent_shape = self.check_inputs(B, height, width, output_type, generator, latents)
+        h, w = latent_shape[2:]
         self.warn_if_slow()
         device = self.device
         guidance = guidance_scale > 1.0
@@ -163,9 +154,7 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
         text = prompt_embeddings(self.tokenizer, self.text_encoder, prompts, negative_prompt, num_images_per_prompt,
                                  guidance, device)
         # One z_T for both passes: (B, 4, h, w).
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=text.dtype)
-        z_T = latents.to(device) * self.scheduler.init_noise_sigma
+        z_T = self.prepare_latents(latent_shape, text.dtype, generator, latents)
         layers = attention_layers(self.unet, "cross")
         cond = slice(B, 2 * B) if guidance else slice(0, B)          # the rows that carry the prompt
         out = Pix2PixZeroOutput(images=None, source_images=None)
@@ -281,10 +270,7 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
         inverse.set_timesteps(num_inference_steps, device=device)
         intermediates = Intermediates(initial_latents=latents.clone())
         for i, t in enumerate(self.progress_bar(inverse.timesteps)):
-            model_input = inverse.scale_model_input(torch.cat([latents] * 2) if guidance else latents, t)
-            eps = self.unet(model_input, t, encoder_hidden_states=text).sample
-            if guidance:
-                eps = classifier_free_guidance(eps, guidance_scale)                 # (2B, ...) -> (B, ...)
+            eps = self.guided_eps(latents, t, text, guidance_scale, scheduler=inverse)   # ε̃: (B, 4, h, w)
             for _ in range(int(num_reg_steps)):
                 if lambda_auto_corr > 0:
                     for _ in range(int(num_auto_corr_rolls)):

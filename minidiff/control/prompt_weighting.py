@@ -31,10 +31,9 @@ import warnings
 
 import torch
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
+from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list
-from ..utils import randn_tensor
 
 PAREN_WEIGHT = 1.1      # "(word)": A1111's default emphasis; "[word]" divides by it
 MAX_WEIGHT = 10.0
@@ -191,25 +190,12 @@ class StableDiffusionPromptWeightingPipeline(StableDiffusionPipeline):
         text = self.text_embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                     num_images_per_prompt, guidance)       # (2B, 77, D) or (B, 77, D)
         batch_size = text.shape[0] // 2 if guidance else text.shape[0]
-        size = self.unet.config.sample_size
-        size_h, size_w = (size, size) if isinstance(size, int) else size
-        height = height or size_h * self.vae_scale_factor
-        width = width or size_w * self.vae_scale_factor
-        self.check_size(height, width)
-        check_output_type(output_type)
-        check_generator(generator, batch_size)
-        latent_shape = (batch_size, self.unet.config.in_channels,
-                        height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} for {batch_size} images of {height}x{width}; "
-                             f"found {tuple(latents.shape)}.")
+        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
         self.warn_if_slow()
 
         # 2.-5. Timesteps, z_T, the denoising loop and decoding, exactly as in text-to-image.
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=text.dtype)
-        latents = latents.to(self.device) * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(latent_shape, text.dtype, generator, latents)
         intermediates = Intermediates(initial_latents=latents.clone()) if return_intermediates else None
         latents = self.denoise(latents, self.scheduler.timesteps, text, guidance_scale, generator, callback,
                                intermediates)

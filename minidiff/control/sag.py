@@ -29,11 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.base import (ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess,
-                              predict_x0)
+from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess, predict_x0
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
-from ..utils import randn_tensor
 from .attention_maps import attention_layers, capture, layer_size
 
 BLUR_KERNEL_SIZE, BLUR_SIGMA = 9, 1.0
@@ -100,17 +98,9 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
         if not isinstance(sag_scale, (int, float)) or sag_scale < 0:
             raise ValueError(f"sag_scale must be a number >= 0 (0 turns SAG off; the paper uses 0.75); "
                              f"found {sag_scale!r}.")
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_size(height, width)
-        check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
-        check_generator(generator, batch_size)
-        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        latent_shape = (batch_size, self.unet.config.in_channels, h, w)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} for {batch_size} images of {height}x{width}; "
-                             f"found {tuple(latents.shape)}.")
+        height, width, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
+        h, w = latent_shape[2:]
         if sag_scale > 0 and min(h, w) <= BLUR_KERNEL_SIZE // 2:
             raise ValueError(f"SAG blurs the latents with a {BLUR_KERNEL_SIZE}x{BLUR_KERNEL_SIZE} kernel and reflected "
                              f"borders, which needs latents of more than {BLUR_KERNEL_SIZE // 2} positions a side; "
@@ -132,9 +122,7 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
             raise ValueError(f"SAG re-noises x̃_0 with add_noise and feeds it to the UNet unscaled, which holds for "
                              f"schedulers with integer timesteps (DDIM, PNDM, DDPM, DPMSolverMultistep, UniPC); "
                              f"{type(self.scheduler).__name__} has float timesteps. Pass scheduler=one of those.")
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=text.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(latent_shape, text.dtype, generator, latents)
         step_kwargs = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
 
         # The first self-attention layer of the middle block (SD v1 has one): its map A_t decides what to blur.

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
+from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, encode_text, prompt_embeddings
-from ..utils import randn_tensor
 
 
 @dataclass
@@ -92,17 +91,8 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
         """
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_size(height, width)
-        check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
-        check_generator(generator, batch_size)
-        latent_shape = (batch_size, self.unet.config.in_channels,
-                        height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} for {batch_size} images of {height}x{width}; "
-                             f"found {tuple(latents.shape)}.")
+        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
         concepts = self.check_edit_arguments(editing_prompt, editing_prompt_embeddings, guidance_scale,
                                              reverse_editing_direction, edit_guidance_scale, edit_warmup_steps,
                                              edit_cooldown_steps, edit_threshold, edit_momentum_scale, edit_mom_beta,
@@ -130,9 +120,7 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
 
         # 2. Timesteps and z_T, as in text-to-image.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=text.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(latent_shape, text.dtype, generator, latents)
         step_kwargs = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
 
         # 3. The denoising loop, with SEGA's term next to classifier-free guidance.
