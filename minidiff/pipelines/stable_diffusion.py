@@ -116,15 +116,6 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 f"{max(f, round(height / f) * f) if isinstance(height, int) else 512}."
             )
 
-    def denoise(self, latents, timesteps, text, guidance_scale, generator, callback=None, intermediates=None):
-        """Step 4, shared with image-to-image: z_{t_1} -> z_0 along `timesteps`. latents: (B, 4, h, w)."""
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            eps = self.guided_eps(latents, t, text, guidance_scale)      # ε̃: (B, 4, h, w)
-            out = self.scheduler.step(eps, t, latents, generator=generator)
-            self.record_step(i, t, latents, eps, out, callback, intermediates)
-            latents = out.prev_sample
-        return latents
-
     def prepare_latents(self, latent_shape, dtype, generator=None, latents=None) -> torch.Tensor:
         """Step 3: z_T ~ N(0, σ_T² I), or the given `latents` times σ_T: (B, 4, h, w).
 
@@ -133,6 +124,15 @@ class StableDiffusionPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=dtype)
         return latents.to(self.device) * self.scheduler.init_noise_sigma
+
+    def denoise(self, latents, timesteps, text, guidance_scale, generator, callback=None, intermediates=None):
+        """Step 4, shared with image-to-image: z_{t_1} -> z_0 along `timesteps`. latents: (B, 4, h, w)."""
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            eps = self.guided_eps(latents, t, text, guidance_scale)      # ε̃: (B, 4, h, w)
+            out = self.scheduler.step(eps, t, latents, generator=generator)
+            self.record_step(i, t, latents, eps, out, callback, intermediates)
+            latents = out.prev_sample
+        return latents
 
     def guided_eps(self, latents, t, text, guidance_scale: float, scheduler=None) -> torch.Tensor:
         """The guided noise estimate ε̃ = ε(z_t) + s (ε(z_t, c) - ε(z_t)) of one UNet call: (B, 4, h, w) -> (B, 4, h, w).
