@@ -1,17 +1,12 @@
 """minidiff.control.attend_and_excite against diffusers' StableDiffusionAttendAndExcitePipeline on tiny-sd, and its
 mechanism: no update is plain generation, the updates lower the loss, the pieces equal diffusers' own."""
 
-import warnings
-
-import diffusers
-import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import (
     pipeline_stable_diffusion_attend_and_excite as reference)
 
-import minidiff
-from minidiff.checkpoints import TINY_SD
+from helpers import gen, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline
 from minidiff.control.attend_and_excite import (StableDiffusionAttendAndExcitePipeline, attend_and_excite_loss,
                                                 gaussian_kernel, max_attention_per_token)
 from minidiff.pipelines.text import encode_text
@@ -20,35 +15,17 @@ PIXEL = 2 / 255  # the bound on the largest pixel difference (images in [0, 1])
 PROMPT = "a red circle and a blue square"      # tokens: 3 = circle, 8 = square (tiny-sd's tokenizer splits "and")
 SUBJECTS = [3, 8]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return quiet(StableDiffusionAttendAndExcitePipeline.from_pretrained("tiny-sd"))
+    return load_minidiff(StableDiffusionAttendAndExcitePipeline)
 
 
 @pytest.fixture(scope="module")
 def ref():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quiet(diffusers.StableDiffusionAttendAndExcitePipeline.from_pretrained(
-            TINY_SD, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    return load_diffusers("StableDiffusionAttendAndExcitePipeline")
 
 
 # --- parity with diffusers ------------------------------------------------------------------------------
@@ -63,12 +40,12 @@ def test_parity_with_diffusers(pipe, ref, scale_factor, thresholds):
     out = pipe(PROMPT, generator=gen(0), **kwargs)
     expected = ref(PROMPT, generator=gen(0), **kwargs).images
     assert out.images.shape == (1, 64, 64, 3) and out.images.std() > 0.02
-    assert np.abs(out.images - expected).max() <= PIXEL
+    assert max_pixel_diff(out.images, expected) <= PIXEL
     assert len(out.losses) == 5 and all(0 < loss[0] <= 1 for loss in out.losses)
     # The updates matter: the image is not the plain one.
-    plain = quiet(minidiff.StableDiffusionPipeline(**pipe.components))
-    plain_image = plain(PROMPT, generator=gen(0), num_inference_steps=8, guidance_scale=3.0, output_type="np").images
-    assert np.abs(out.images - plain_image).max() > 10 / 255
+    plain_image = plain_pipeline(pipe)(PROMPT, generator=gen(0), num_inference_steps=8, guidance_scale=3.0,
+                                       output_type="np").images
+    assert max_pixel_diff(out.images, plain_image) > 10 / 255
 
 
 def test_get_indices_as_diffusers(pipe, ref):
@@ -90,13 +67,12 @@ def test_smoothing_and_max_attention_as_diffusers():
 
 # --- mechanism ------------------------------------------------------------------------------------------
 def test_no_update_is_plain_generation(pipe):
-    plain = quiet(minidiff.StableDiffusionPipeline(**pipe.components))
     kwargs = dict(num_inference_steps=8, guidance_scale=3.0, output_type="np")
     ours = pipe(PROMPT, token_indices=SUBJECTS, max_iter_to_alter=0, thresholds={}, attn_res=(8, 8), generator=gen(2),
                 **kwargs)
     assert ours.losses == []
-    expected = plain(PROMPT, generator=gen(2), **kwargs).images
-    assert np.abs(ours.images - expected).max() <= 1e-5
+    expected = plain_pipeline(pipe)(PROMPT, generator=gen(2), **kwargs).images
+    assert max_pixel_diff(ours.images, expected) <= 1e-5
 
 
 def test_updates_lower_the_loss(pipe):

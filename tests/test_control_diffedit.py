@@ -2,8 +2,6 @@
 same mask, the same inverted latents, the same edited image for the same seeds. Then what it is for: "a red
 circle" -> "a blue circle" turns the circle blue and leaves the background as it was."""
 
-import warnings
-
 import diffusers
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import minidiff
-from minidiff.checkpoints import TINY_SD
+from helpers import gen, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, to_uint8
 from minidiff.control.diffedit import StableDiffusionDiffEditPipeline
 from minidiff.control.inversion import relative_error
 from minidiff.training import evaluate
@@ -20,48 +18,26 @@ PIXEL = 1 / 255
 SOURCE, TARGET = "a red circle", "a blue circle"
 SETTINGS = dict(num_inference_steps=20, guidance_scale=3.0)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pipes():
     """(minidiff, diffusers) DiffEdit pipelines on tiny-sd with DDIM and DDIM inversion, as the tutorial sets them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = StableDiffusionDiffEditPipeline.from_pretrained("tiny-sd")
-        theirs = diffusers.StableDiffusionDiffEditPipeline.from_pretrained(
-            TINY_SD, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ours = load_minidiff(StableDiffusionDiffEditPipeline)
+    theirs = load_diffusers("StableDiffusionDiffEditPipeline")
     ours.scheduler = minidiff.DDIMScheduler.from_config(ours.scheduler.config)
     theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config)
     theirs.inverse_scheduler = diffusers.DDIMInverseScheduler.from_config(theirs.scheduler.config)
-    for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
     return ours, theirs
 
 
 @pytest.fixture(scope="module")
 def image(pipes):
     """A red circle that tiny-sd drew: (1, 3, 64, 64) in [0, 1]."""
-    plain = minidiff.StableDiffusionPipeline(**pipes[0].components)
-    plain.set_progress_bar_config(disable=True)
-    image = plain(SOURCE, generator=gen(4), output_type="pt", **SETTINGS).images
+    image = plain_pipeline(pipes[0])(SOURCE, generator=gen(4), output_type="pt", **SETTINGS).images
     assert evaluate.analyse(to_uint8(image)).color == "red"
     return image
-
-
-def to_uint8(image):
-    """(1, 3, H, W) in [0, 1] -> (H, W, 3) uint8, what evaluate.analyse reads."""
-    return (np.asarray(image[0].permute(1, 2, 0)) * 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +86,13 @@ def test_full_strength_inversion_and_decoded_latents_equal_diffusers(pipes, imag
     assert ours.latents.shape == (1, 6, 4, 8, 8)
     assert relative_error(ours.latents, theirs.latents) < 1e-5
     assert ours.images.shape == (6, 64, 64, 3)
-    assert np.abs(ours.images - theirs.images).max() <= 2 * PIXEL
+    assert max_pixel_diff(ours.images, theirs.images) <= 2 * PIXEL
 
 
 def test_edit_equals_diffusers(edit):
     ours, theirs = edit
     assert ours["images"].shape == (1, 64, 64, 3)
-    assert np.abs(ours["images"] - theirs["images"]).max() <= 2 * PIXEL   # measured 0
+    assert max_pixel_diff(ours["images"], theirs["images"]) <= 2 * PIXEL   # measured 0
 
 
 def test_an_empty_mask_gives_back_the_inverted_start(pipes, edit):

@@ -9,31 +9,17 @@ import pytest
 import torch
 
 import minidiff
-from minidiff.checkpoints import TINY_SD
+from helpers import as_tensor, gens, load_diffusers, load_minidiff, max_pixel_diff, quiet
 from minidiff.control.inpaint import StableDiffusionInpaintPipeline
 
 PIXEL = 2 / 255
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    ours = StableDiffusionInpaintPipeline.from_pretrained("tiny-sd")
-    theirs = diffusers.StableDiffusionInpaintPipeline.from_pretrained(TINY_SD, safety_checker=None)
-    for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
-    return ours, theirs
-
-
-def gens(*seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
+    return load_minidiff(StableDiffusionInpaintPipeline), load_diffusers("StableDiffusionInpaintPipeline")
 
 
 def shapes_image(color=(220, 30, 30), background=(128, 128, 128)):
@@ -50,10 +36,6 @@ def box_mask(top=0, left=0, bottom=40, right=40, size=64):
     return mask
 
 
-def as_tensor(image):
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)     # (3, H, W) in [0, 1]
-
-
 def test_parity_with_diffusers(pipes):
     ours, theirs = pipes
     image, mask = shapes_image(), box_mask()
@@ -68,29 +50,27 @@ def test_parity_with_diffusers(pipes):
         case["generator"] = gens(*range(len(case["generator"])))
         expected = theirs(**case, **kwargs).images
         assert images.std() > 0.05
-        assert np.abs(images - expected).max() <= PIXEL
+        assert max_pixel_diff(images, expected) <= PIXEL
 
     # tensors: an image in [0, 1] and a (1, 1, H, W) mask with soft values (both binarise at 0.5)
     soft = torch.zeros(1, 1, 64, 64)
     soft[..., 8:40, 16:56] = 0.7
     kwargs = dict(prompt="a cyan circle", image=as_tensor(image), mask_image=soft, strength=0.9,
                   num_inference_steps=10, guidance_scale=3.0, output_type="np")
-    assert np.abs(ours(generator=gens(3), **kwargs).images - theirs(generator=gens(3), **kwargs).images).max() <= PIXEL
+    assert max_pixel_diff(ours(generator=gens(3), **kwargs).images, theirs(generator=gens(3), **kwargs).images) <= PIXEL
 
 
 def test_parity_with_a_stochastic_sampler(pipes):
     """DDPM draws noise at every step from the generator: the same draws as diffusers, in the same order."""
     ours, theirs = pipes
-    ours = StableDiffusionInpaintPipeline(**ours.components)
-    theirs = diffusers.StableDiffusionInpaintPipeline(**theirs.components)
+    ours = quiet(StableDiffusionInpaintPipeline(**ours.components))
+    theirs = quiet(diffusers.StableDiffusionInpaintPipeline(**theirs.components))
     ours.scheduler = minidiff.DDPMScheduler.from_config(ours.scheduler.config)
     theirs.scheduler = diffusers.DDPMScheduler.from_config(theirs.scheduler.config)
-    for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt="a purple diamond", image=shapes_image(), mask_image=box_mask(), strength=0.8,
                   num_inference_steps=10, guidance_scale=3.0, output_type="np")
     images = ours(generator=gens(5), **kwargs).images
-    assert np.abs(images - theirs(generator=gens(5), **kwargs).images).max() <= PIXEL
+    assert max_pixel_diff(images, theirs(generator=gens(5), **kwargs).images) <= PIXEL
 
 
 def test_the_kept_region_is_the_noised_image_latent_at_every_step(pipes):

@@ -3,15 +3,13 @@ a DDIM step, and `ddim_invert` on tiny-sd: invert, sample DDIM back from the inv
 prompt, and land close to the start (relative latent error 0.086 measured at 20 steps, guidance 1; 1.23
 from fresh noise)."""
 
-import warnings
-
 import diffusers
-import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 import minidiff
+from helpers import gen, load_minidiff, to_uint8
 from minidiff.checkpoints import TINY_SD
 from minidiff.control.inversion import ddim_invert, relative_error
 from minidiff.schedulers.ddim_inverse import DDIMInverseScheduler
@@ -28,13 +26,7 @@ CONFIGS = {
     "set_alpha_to_one": dict(SD_PNDM_CONFIG, set_alpha_to_one=True),
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the scheduler ---------------------------------------------------------------------------------
@@ -67,7 +59,7 @@ def test_inverse_step_undoes_a_ddim_step():
     ddim.set_timesteps(10)
     inverse.set_timesteps(10)
     assert torch.equal(inverse.timesteps, ddim.timesteps.flip(0))
-    g = torch.Generator().manual_seed(0)
+    g = gen(0)
     x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     x = x0
     for t in inverse.timesteps:
@@ -94,11 +86,8 @@ def test_inverse_scheduler_errors():
 # --- ddim_invert on tiny-sd ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipe():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = minidiff.StableDiffusionPipeline.from_pretrained("tiny-sd")
+    pipe = load_minidiff(minidiff.StableDiffusionPipeline)
     pipe.scheduler = minidiff.DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -109,8 +98,7 @@ PROMPT = "a red circle"
 @torch.no_grad()
 def generated(pipe):
     """z_0 of an image tiny-sd drew, and the image: (1, 4, 8, 8), (1, 3, 64, 64) in [0, 1]."""
-    z0 = pipe(PROMPT, num_inference_steps=20, guidance_scale=3.0, generator=torch.Generator().manual_seed(4),
-              output_type="latent").images
+    z0 = pipe(PROMPT, num_inference_steps=20, guidance_scale=3.0, generator=gen(4), output_type="latent").images
     return z0, (pipe.decode(z0) / 2 + 0.5).clamp(0, 1)
 
 
@@ -125,8 +113,7 @@ def test_round_trip_returns_to_the_start(pipe, generated):
     assert 0.6 < inverted.latents.std().item() < 1.3    # it looks like noise: unit variance, not z_0's
     back = pipe(PROMPT, latents=inverted.latents, num_inference_steps=20, guidance_scale=1.0,
                 output_type="latent").images
-    fresh = pipe(PROMPT, num_inference_steps=20, guidance_scale=1.0, generator=torch.Generator().manual_seed(1),
-                 output_type="latent").images
+    fresh = pipe(PROMPT, num_inference_steps=20, guidance_scale=1.0, generator=gen(1), output_type="latent").images
     error, baseline = relative_error(back, z0), relative_error(fresh, z0)
     assert error < 0.15, error                    # measured 0.086
     assert error < 0.15 * baseline, (error, baseline)
@@ -145,13 +132,12 @@ def test_more_steps_invert_better(pipe, generated):
 def test_invert_an_image(pipe, generated):
     """From pixels: the VAE's encoding adds its own error, but the round trip still lands near the image."""
     _, image = generated
-    g = torch.Generator().manual_seed(0)
-    inverted = ddim_invert(pipe, PROMPT, image=image, num_inference_steps=20, generator=g)
+    inverted = ddim_invert(pipe, PROMPT, image=image, num_inference_steps=20, generator=gen(0))
     z0 = inverted.intermediates.initial_latents
     back = pipe(PROMPT, latents=inverted.latents, num_inference_steps=20, guidance_scale=1.0, output_type="pt")
     assert relative_error(back.images, image) < 0.1     # measured 0.036; from fresh noise 0.34
-    pil = PIL.Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    again = ddim_invert(pipe, PROMPT, image=pil, num_inference_steps=20, generator=torch.Generator().manual_seed(0))
+    pil = PIL.Image.fromarray(to_uint8(image))
+    again = ddim_invert(pipe, PROMPT, image=pil, num_inference_steps=20, generator=gen(0))
     assert relative_error(again.intermediates.initial_latents, z0) < 0.02   # the same image, 8-bit rounded
 
 

@@ -3,29 +3,21 @@ there is nothing to edit, restores them, changes what the edited prompt draws, a
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
-import minidiff
-from minidiff.checkpoints import TINY_SD
+from helpers import gens, load_diffusers, load_minidiff, max_pixel_diff
+from minidiff.control.inversion import relative_error
 from minidiff.control.model_editing import StableDiffusionModelEditingPipeline, align_tokens
 from minidiff.training import evaluate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = StableDiffusionModelEditingPipeline.from_pretrained("tiny-sd")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """Its own instance: the tests edit its weights (restored after each)."""
+    return load_minidiff(StableDiffusionModelEditingPipeline)
 
 
 @pytest.fixture(autouse=True)
@@ -38,20 +30,13 @@ def weights(pipe):
     return {name: p.weight.detach().clone() for name, p in pipe.projections().items()}
 
 
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 def generate(pipe, prompt, seeds, steps=10, output_type="np"):
     return pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=3.0, output_type=output_type,
-                generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+                generator=gens(*seeds)).images
 
 
 def test_edit_equals_diffusers_edit_model_weights_and_images(pipe):
-    diffusers = pytest.importorskip("diffusers")
-    theirs = diffusers.StableDiffusionModelEditingPipeline.from_pretrained(
-        TINY_SD, safety_checker=None, feature_extractor=None, requires_safety_checker=False).to(torch.float64)
-    theirs.set_progress_bar_config(disable=True)
+    theirs = load_diffusers("StableDiffusionModelEditingPipeline").to(torch.float64)
     # diffusers 0.42 looks for modules named "CrossAttention" (now "Attention") with 768 input features, so on
     # any current checkpoint it finds no layer and edit_model changes nothing. Give it the layers, as its
     # __init__ meant to: every attn2's to_v, then every attn2's to_k. Its own edit_model then runs unchanged.
@@ -71,21 +56,21 @@ def test_edit_equals_diffusers_edit_model_weights_and_images(pipe):
 
     ours = weights(pipe)
     assert len(ours) == 2 * len(ca)
-    errors = [rel_err(w, theirs.unet.get_submodule(name).weight) for name, w in ours.items()]
+    errors = [relative_error(w, theirs.unet.get_submodule(name).weight) for name, w in ours.items()]
     assert max(errors) < 1e-4, errors                                     # ~4e-6 measured
 
     a, b = generate(pipe, "a triangle", [0, 1]), generate(theirs, "a triangle", [0, 1])
-    assert np.abs(a - b).max() <= 2 / 255
+    assert max_pixel_diff(a, b) <= 2 / 255
 
 
 def test_nothing_to_edit_leaves_the_weights(pipe):
     before = weights(pipe)
     pipe.edit_model("a red circle", "a red circle")                         # v*_i = W c_i: W is the solution
-    assert max(rel_err(w, before[n]) for n, w in weights(pipe).items()) < 1e-4
+    assert max(relative_error(w, before[n]) for n, w in weights(pipe).items()) < 1e-4
     pipe.edit_model("a circle", "a blue circle", lamb=1e9)                 # all weight on ||W' - W||
-    assert max(rel_err(w, before[n]) for n, w in weights(pipe).items()) < 1e-4
+    assert max(relative_error(w, before[n]) for n, w in weights(pipe).items()) < 1e-4
     pipe.edit_model("a circle", "a blue circle")
-    assert min(rel_err(w, before[n]) for n, w in weights(pipe).items()) > 0.1
+    assert min(relative_error(w, before[n]) for n, w in weights(pipe).items()) > 0.1
 
 
 def test_restart_params_restores_and_edits_accumulate_without_it(pipe):
@@ -96,7 +81,7 @@ def test_restart_params_restores_and_edits_accumulate_without_it(pipe):
     pipe.edit_model("a circle", "a blue circle", restart_params=True)       # back to W, then one edit
     assert all(torch.equal(w, one[n]) for n, w in weights(pipe).items())
     pipe.edit_model("a circle", "a blue circle", restart_params=False)      # the edit of the edited weights
-    assert max(rel_err(w, one[n]) for n, w in weights(pipe).items()) > 1e-3
+    assert max(relative_error(w, one[n]) for n, w in weights(pipe).items()) > 1e-3
     pipe.restore_projections()
     assert all(torch.equal(w, before[n]) for n, w in weights(pipe).items())
 

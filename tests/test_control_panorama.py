@@ -5,17 +5,14 @@ look-alike of CompVis/stable-diffusion-v1-4 whose UNet has sample_size 64 (tests
 smaller still: two levels, cross-attention only at 32 x 32). The mechanism and behaviour tests use tiny-sd.
 """
 
-import warnings
-
 import diffusers
 import numpy as np
 import pytest
 import torch
 
 import minidiff
-from conftest import REFERENCE
 from fake_checkpoints import make_fake_sd
-from helpers import rel_err
+from helpers import gen, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, rel_err
 from minidiff.control.panorama import StableDiffusionPanoramaPipeline
 
 PIXEL = 2 / 255  # the bound on the largest pixel difference (images in [0, 1])
@@ -23,40 +20,19 @@ PIXEL = 2 / 255  # the bound on the largest pixel difference (images in [0, 1])
 WIDE_UNET = dict(sample_size=64, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def fake_pair(tmp_path_factory):
-    if not REFERENCE.is_dir():
-        pytest.skip(f"reference configs not found at {REFERENCE} (set MINIDIFF_REFERENCE)")
-    folder = make_fake_sd(tmp_path_factory.mktemp("hub") / "sd-window-64", REFERENCE, **WIDE_UNET)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = StableDiffusionPanoramaPipeline.from_pretrained(folder)
-        theirs = diffusers.StableDiffusionPanoramaPipeline.from_pretrained(
-            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return quiet(ours), quiet(theirs)
+def fake_pair(tmp_path_factory, reference_dir):
+    folder = make_fake_sd(tmp_path_factory.mktemp("hub") / "sd-window-64", reference_dir, **WIDE_UNET)
+    return (load_minidiff(StableDiffusionPanoramaPipeline, folder),
+            load_diffusers("StableDiffusionPanoramaPipeline", folder))
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return quiet(StableDiffusionPanoramaPipeline.from_pretrained("tiny-sd"))
+    return load_minidiff(StableDiffusionPanoramaPipeline)
 
 
 # --- parity with diffusers ------------------------------------------------------------------------------
@@ -79,7 +55,7 @@ def test_parity_with_diffusers(fake_pair, scheduler, view_batch_size, circular, 
             expected / ref.vae.config.scaling_factor).sample
     images, images_ref = ((x / 2 + 0.5).clamp(0, 1) for x in (images, images_ref))
     assert images.shape == (1, 3, 512, 576) and float(images.std()) > 0.02
-    assert float((images - images_ref).abs().max()) <= PIXEL
+    assert max_pixel_diff(images, images_ref) <= PIXEL
 
 
 def test_views_match_diffusers(fake_pair):
@@ -95,11 +71,10 @@ def test_views_match_diffusers(fake_pair):
 
 # --- mechanism and behaviour on tiny-sd -----------------------------------------------------------------
 def test_one_window_is_plain_generation(tiny):
-    plain = quiet(minidiff.StableDiffusionPipeline(**tiny.components))
     kwargs = dict(num_inference_steps=8, guidance_scale=3.0, output_type="np")
     ours = tiny("a red circle", height=64, width=64, generator=gen(1), **kwargs).images
-    expected = plain("a red circle", generator=gen(1), **kwargs).images
-    assert np.abs(ours - expected).max() <= 1e-5
+    expected = plain_pipeline(tiny)("a red circle", generator=gen(1), **kwargs).images
+    assert max_pixel_diff(ours, expected) <= 1e-5
 
 
 def test_wide_image_and_its_steps(tiny):

@@ -7,29 +7,23 @@ import pytest
 import torch
 
 import minidiff
+from helpers import gen, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline
 from minidiff.checkpoints import TINY_SD
+from minidiff.control.inversion import relative_error
 from minidiff.control.pix2pix_zero import StableDiffusionPix2PixZeroPipeline
 from minidiff.training import evaluate
 
 SOURCE = ["a red circle", "a red square", "a red triangle", "a red diamond"]
 TARGET = [s.replace("red", "blue") for s in SOURCE]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pipe():
     # DDIM, as diffusers' example: deterministic, so both passes see the same timesteps and noise.
     scheduler = minidiff.DDIMScheduler.from_pretrained("tiny-sd", subfolder="scheduler")
-    pipe = StableDiffusionPix2PixZeroPipeline.from_pretrained("tiny-sd", scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_minidiff(StableDiffusionPix2PixZeroPipeline, scheduler=scheduler)
 
 
 @pytest.fixture(scope="module")
@@ -37,47 +31,44 @@ def embeds(pipe):
     return pipe.get_embeds(SOURCE), pipe.get_embeds(TARGET)
 
 
+def reference(inverse=False):
+    """diffusers' StableDiffusionPix2PixZeroPipeline on tiny-sd with DDIM, and DDIM inversion where `inverse`."""
+    diffusers = pytest.importorskip("diffusers")
+    schedulers = dict(scheduler=diffusers.DDIMScheduler.from_pretrained(TINY_SD, subfolder="scheduler"),
+                      inverse_scheduler=None)
+    if inverse:
+        schedulers["inverse_scheduler"] = diffusers.DDIMInverseScheduler.from_pretrained(TINY_SD, subfolder="scheduler")
+    return load_diffusers("StableDiffusionPix2PixZeroPipeline", caption_generator=None, caption_processor=None,
+                          **schedulers)
+
+
 def edit(pipe, src, tgt, amount, seed=0, **kwargs):
     kwargs = {"num_inference_steps": 10, "guidance_scale": 3.0, "output_type": "np", **kwargs}
-    return pipe("a red circle", src, tgt, generator=torch.Generator().manual_seed(seed),
-                cross_attention_guidance_amount=amount, **kwargs)
+    return pipe("a red circle", src, tgt, generator=gen(seed), cross_attention_guidance_amount=amount, **kwargs)
 
 
 def test_same_edit_as_diffusers(pipe, embeds):
-    diffusers = pytest.importorskip("diffusers")
-    theirs = diffusers.StableDiffusionPix2PixZeroPipeline.from_pretrained(
-        TINY_SD, scheduler=diffusers.DDIMScheduler.from_pretrained(TINY_SD, subfolder="scheduler"),
-        safety_checker=None, feature_extractor=None, caption_generator=None, caption_processor=None,
-        inverse_scheduler=None, requires_safety_checker=False)
-    theirs.set_progress_bar_config(disable=True)
+    theirs = reference()
     src, tgt = embeds
     # 30: a step size that moves the latents on tiny-sd (0.1, diffusers' default, is tuned for SD's 64x64 maps).
     for output_type in ("np", "latent"):
         ours = edit(pipe, src, tgt, 30.0, output_type=output_type).images
         ref = theirs("a red circle", source_embeds=src, target_embeds=tgt, num_inference_steps=10, guidance_scale=3.0,
-                     generator=torch.Generator().manual_seed(0), cross_attention_guidance_amount=30.0,
-                     output_type=output_type).images
+                     generator=gen(0), cross_attention_guidance_amount=30.0, output_type=output_type).images
         if output_type == "np":
-            assert np.abs(ours - ref).max() <= 2 / 255
+            assert max_pixel_diff(ours, ref) <= 2 / 255
         else:
-            assert ((ours - ref).norm() / ref.norm()).item() < 1e-3
+            assert relative_error(ours, ref) < 1e-3
 
 
 def test_invert_equals_diffusers_and_its_noise_reconstructs_the_image(pipe, embeds):
-    diffusers = pytest.importorskip("diffusers")
-    theirs = diffusers.StableDiffusionPix2PixZeroPipeline.from_pretrained(
-        TINY_SD, scheduler=diffusers.DDIMScheduler.from_pretrained(TINY_SD, subfolder="scheduler"),
-        inverse_scheduler=diffusers.DDIMInverseScheduler.from_pretrained(TINY_SD, subfolder="scheduler"),
-        safety_checker=None, feature_extractor=None, caption_generator=None, caption_processor=None,
-        requires_safety_checker=False)
-    theirs.set_progress_bar_config(disable=True)
+    theirs = reference(inverse=True)
     image = edit(pipe, *embeds, 0.0, output_type="pil").source_images[0]          # a "real" image
     # diffusers' defaults: 5 rounds of auto-correlation (5 random rolls each) and KL steps on ε at every step
-    ours = pipe.invert("a red circle", image, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
-    ref = theirs.invert("a red circle", image, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
-    assert ((ours.latents - ref.latents).norm() / ref.latents.norm()).item() < 1e-4   # ~2e-6 measured
-    plain = pipe.invert("a red circle", image, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
-                        num_reg_steps=0)
+    ours = pipe.invert("a red circle", image, num_inference_steps=10, generator=gen(0))
+    ref = theirs.invert("a red circle", image, num_inference_steps=10, generator=gen(0))
+    assert relative_error(ours.latents, ref.latents) < 1e-4                          # ~2e-6 measured
+    plain = pipe.invert("a red circle", image, num_inference_steps=10, generator=gen(0), num_reg_steps=0)
     assert not torch.allclose(plain.latents, ours.latents)                          # the regularisation acts
     # Sampling from the inverted noise gives the image back (approximately), before any edit.
     back = edit(pipe, *embeds, 0.0, latents=ours.latents).source_images[0]
@@ -87,11 +78,10 @@ def test_invert_equals_diffusers_and_its_noise_reconstructs_the_image(pipe, embe
 def test_no_direction_and_no_guidance_is_plain_generation(pipe, embeds):
     src, _ = embeds
     out = edit(pipe, src, src, 0.0)
-    plain = minidiff.StableDiffusionPipeline(**pipe.components)(
-        "a red circle", num_inference_steps=10, guidance_scale=3.0, output_type="np",
-        generator=torch.Generator().manual_seed(0)).images
-    assert np.abs(out.images - plain).max() < 1e-4
-    assert np.abs(out.source_images - plain).max() < 1e-4
+    plain = plain_pipeline(pipe)("a red circle", num_inference_steps=10, guidance_scale=3.0, output_type="np",
+                                 generator=gen(0)).images
+    assert max_pixel_diff(out.images, plain) < 1e-4
+    assert max_pixel_diff(out.source_images, plain) < 1e-4
 
 
 def test_guidance_pulls_the_maps_towards_the_reference(pipe, embeds):
@@ -107,7 +97,7 @@ def test_guidance_pulls_the_maps_towards_the_reference(pipe, embeds):
 
 def test_edit_direction_changes_the_colour_and_captions_work(pipe):
     out = pipe("a red circle", SOURCE, TARGET, num_inference_steps=20, guidance_scale=3.0, num_images_per_prompt=2,
-               generator=[torch.Generator().manual_seed(s) for s in (1, 2)], cross_attention_guidance_amount=30.0)
+               generator=gens(1, 2), cross_attention_guidance_amount=30.0)
     assert [evaluate.analyse(i).color for i in out.source_images] == ["red", "red"]
     assert [evaluate.analyse(i).color for i in out.images] == ["blue", "blue"]
     source, edited = (evaluate.analyse(i) for i in (out.source_images[0], out.images[0]))

@@ -2,13 +2,11 @@
 the row scaling and A1111's mean rescale, blends, and parity with diffusers' StableDiffusionPipeline called with
 the same `prompt_embeds` / `negative_prompt_embeds` on tiny-sd."""
 
-import diffusers
 import numpy as np
 import pytest
 import torch
 
-import minidiff
-from minidiff.checkpoints import TINY_SD
+from helpers import gens, max_pixel_diff, quiet
 from minidiff.control.prompt_weighting import (StableDiffusionPromptWeightingPipeline, apply_token_weights,
                                                blend_prompt_embeddings, parse_prompt_weights, prompt_token_weights,
                                                weighted_prompt_embeddings)
@@ -16,27 +14,14 @@ from minidiff.pipelines.text import encode_text
 
 PIXEL = 2 / 255
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pipes():
-    base = minidiff.StableDiffusionPipeline.from_pretrained("tiny-sd")
-    ours = StableDiffusionPromptWeightingPipeline(**base.components)
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(TINY_SD, safety_checker=None)
-    for pipe in (base, ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
-    return base, ours, theirs
-
-
-def gens(*seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
+def pipes(tiny_sd_pair):
+    """(minidiff's StableDiffusionPipeline, the prompt-weighting pipeline on its components, diffusers')."""
+    base, theirs = tiny_sd_pair
+    return base, quiet(StableDiffusionPromptWeightingPipeline(**base.components)), theirs
 
 
 def plain(pipe, prompt):
@@ -121,7 +106,7 @@ def test_parity_with_diffusers_prompt_embeds(pipes):
         images = ours(generator=gens(0, 1), **kwargs).images
         expected = theirs(generator=gens(0, 1), **kwargs).images
         assert images.shape == (2, 64, 64, 3) and images.std() > 0.05
-        assert np.abs(images - expected).max() <= PIXEL
+        assert max_pixel_diff(images, expected) <= PIXEL
 
 
 def test_plain_prompts_give_the_base_pipelines_images(pipes):

@@ -7,70 +7,53 @@ import pytest
 import torch
 
 import minidiff
-from helpers import rel_err
-from minidiff.checkpoints import TINY_SD
+from helpers import gen, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, quiet, rel_err
 from minidiff.control.sag import StableDiffusionSAGPipeline, gaussian_blur_2d, sag_mask
 
 STEPS = 15
 PROMPTS = ["a red circle", "a small blue square at the top left"]
+SEEDS = range(len(PROMPTS))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def ours():
-    pipe = StableDiffusionSAGPipeline.from_pretrained("tiny-sd")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_minidiff(StableDiffusionSAGPipeline)
 
 
 @pytest.fixture(scope="module")
 def theirs():
-    diffusers = pytest.importorskip("diffusers")
-    pipe = diffusers.StableDiffusionSAGPipeline.from_pretrained(TINY_SD, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generators(n=len(PROMPTS)):
-    return [torch.Generator().manual_seed(i) for i in range(n)]
+    """Its own instance: the parity test sets its scheduler."""
+    return load_diffusers("StableDiffusionSAGPipeline")
 
 
 @pytest.mark.parametrize("guidance_scale, scheduler", [(3.0, "PNDMScheduler"), (1.0, "PNDMScheduler"),
                                                        (3.0, "DDIMScheduler")])
 def test_same_images_as_diffusers(ours, theirs, guidance_scale, scheduler):
     diffusers = pytest.importorskip("diffusers")
-    mine = StableDiffusionSAGPipeline(**{**ours.components, "scheduler": getattr(minidiff, scheduler).from_config(
-        ours.scheduler.config)})
-    mine.set_progress_bar_config(disable=True)
+    mine = quiet(StableDiffusionSAGPipeline(**{**ours.components, "scheduler": getattr(minidiff, scheduler).from_config(
+        ours.scheduler.config)}))
     theirs.scheduler = getattr(diffusers, scheduler).from_config(theirs.scheduler.config)
     final = {}
     out = mine(PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance_scale, sag_scale=1.0,
-               generator=generators(), output_type="np", return_intermediates=True)
+               generator=gens(*SEEDS), output_type="np", return_intermediates=True)
     reference = theirs(PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance_scale, sag_scale=1.0,
-                       generator=generators(), output_type="np",
+                       generator=gens(*SEEDS), output_type="np",
                        callback=lambda i, t, latents: final.update(latents=latents)).images
     assert out.images.shape == reference.shape == (2, 64, 64, 3)
-    assert np.abs(out.images - reference).max() <= 2 / 255
+    assert max_pixel_diff(out.images, reference) <= 2 / 255
     assert rel_err(out.intermediates.latents[-1], final["latents"]) < 1e-3
     # ... and SAG did something: the images are not those of sag_scale 0.
     plain = mine(PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance_scale, sag_scale=0.0,
-                 generator=generators(), output_type="np").images
-    assert np.abs(out.images - plain).max() > 0.1
+                 generator=gens(*SEEDS), output_type="np").images
+    assert max_pixel_diff(out.images, plain) > 0.1
 
 
 def test_sag_scale_zero_is_plain_generation(ours):
-    plain = minidiff.StableDiffusionPipeline(**ours.components)
-    plain.set_progress_bar_config(disable=True)
     kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, output_type="np")
-    reference = plain(PROMPTS, generator=generators(), **kwargs).images
-    assert np.array_equal(ours(PROMPTS, sag_scale=0.0, generator=generators(), **kwargs).images, reference)
+    reference = plain_pipeline(ours)(PROMPTS, generator=gens(*SEEDS), **kwargs).images
+    assert np.array_equal(ours(PROMPTS, sag_scale=0.0, generator=gens(*SEEDS), **kwargs).images, reference)
 
 
 def test_mask_marks_the_positions_attended_more_than_average():
@@ -88,7 +71,7 @@ def test_mask_marks_the_positions_attended_more_than_average():
 
 
 def test_blur_only_changes_the_masked_positions(ours):
-    g = torch.Generator().manual_seed(0)
+    g = gen(0)
     latents, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     ours.scheduler.set_timesteps(STEPS)
     t = ours.scheduler.timesteps[3]
@@ -107,7 +90,7 @@ def test_blur_only_changes_the_masked_positions(ours):
 
 def test_masks_are_recorded_per_step(ours):
     out = ours(PROMPTS[:1], num_inference_steps=5, guidance_scale=3.0, sag_scale=0.75, output_type="latent",
-               generator=generators(1), return_intermediates=True)
+               generator=gens(0), return_intermediates=True)
     assert len(out.sag_masks) == len(ours.scheduler.timesteps) == len(out.intermediates.latents)
     assert out.sag_masks[0].shape == (1, 1, 4, 4)    # tiny-sd's middle block: 4 x 4 for 64 x 64 images
     assert all(0 < m.sum() < 16 for m in out.sag_masks)

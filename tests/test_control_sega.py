@@ -4,12 +4,9 @@ tiny-sd, plain generation when nothing is edited, the colour moves the way the e
 import numpy as np
 import pytest
 import torch
-from matplotlib.colors import rgb_to_hsv
 
-import minidiff
-from minidiff.checkpoints import TINY_SD
+from helpers import colour_share, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, rel_err
 from minidiff.control.sega import SemanticStableDiffusionPipeline
-from helpers import rel_err
 
 STEPS, GUIDANCE = 15, 3.0
 PROMPTS = ["a red circle", "a green square"]
@@ -21,69 +18,44 @@ TWO_CONCEPTS = dict(editing_prompt=["blue", "red"], reverse_editing_direction=[F
                     edit_guidance_scale=[4.0, 3.0], edit_warmup_steps=[2, 5], edit_cooldown_steps=[15, 12],
                     edit_threshold=[0.8, 0.7], edit_weights=[1.0, 0.5], edit_momentum_scale=0.3, edit_mom_beta=0.6)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def ours():
-    pipe = SemanticStableDiffusionPipeline.from_pretrained("tiny-sd")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_minidiff(SemanticStableDiffusionPipeline)
 
 
 @pytest.fixture(scope="module")
 def theirs():
-    diffusers = pytest.importorskip("diffusers")
-    pipe = diffusers.SemanticStableDiffusionPipeline.from_pretrained(TINY_SD, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generators(n, first_seed=0):
-    return [torch.Generator().manual_seed(first_seed + i) for i in range(n)]
+    return load_diffusers("SemanticStableDiffusionPipeline")
 
 
 def generate(pipe, prompts=PROMPTS, **kwargs):
-    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators(len(prompts)),
+    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens(*range(len(prompts))),
                 output_type="np", **kwargs).images
-
-
-def colour_share(images, hue_degrees):
-    """Share of the pixels that are saturated and within 30 degrees of a hue (red 0, blue 240): (B,)."""
-    hsv = rgb_to_hsv(np.clip(images, 0, 1))                               # (B, H, W, 3)
-    distance = np.abs(hsv[..., 0] * 360 - hue_degrees) % 360
-    distance = np.minimum(distance, 360 - distance)
-    return ((distance < 30) & (hsv[..., 1] > 0.4) & (hsv[..., 2] > 0.2)).mean(axis=(1, 2))
 
 
 @pytest.mark.parametrize("edit", [ONE_CONCEPT, TWO_CONCEPTS], ids=["one-concept", "two-concepts-one-reversed"])
 def test_same_images_as_diffusers(ours, theirs, edit):
     final = {}
-    mine = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators(2),
+    mine = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens(0, 1),
                 output_type="np", return_intermediates=True, **edit)
-    reference = theirs(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators(2),
+    reference = theirs(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens(0, 1),
                        output_type="np", callback=lambda i, t, latents: final.update(latents=latents), **edit).images
     assert mine.images.shape == reference.shape == (2, 64, 64, 3)
-    assert np.abs(mine.images - reference).max() <= 2 / 255
+    assert max_pixel_diff(mine.images, reference) <= 2 / 255
     assert rel_err(mine.intermediates.latents[-1], final["latents"]) < 1e-3
     # ... and the edit did something: the images are not those of the prompt alone.
-    assert np.abs(mine.images - generate(ours)).max() > 0.2
+    assert max_pixel_diff(mine.images, generate(ours)) > 0.2
 
 
 def test_no_edit_or_zero_scale_is_plain_generation(ours):
-    plain = minidiff.StableDiffusionPipeline(**ours.components)
-    plain.set_progress_bar_config(disable=True)
-    reference = generate(plain)
+    reference = generate(plain_pipeline(ours))
     assert np.array_equal(generate(ours), reference)
     zero = generate(ours, editing_prompt=["blue", "square"], edit_guidance_scale=0.0, edit_momentum_scale=0.0,
                     edit_warmup_steps=0)
-    assert np.abs(zero - reference).max() <= 1 / 255
+    assert max_pixel_diff(zero, reference) <= 1 / 255
 
 
 def test_adding_blue_raises_blue_and_removing_red_lowers_red(ours):
@@ -100,7 +72,7 @@ def test_adding_blue_raises_blue_and_removing_red_lowers_red(ours):
 
 def test_per_step_guidance_warm_up_and_threshold(ours):
     warmup, threshold = 4, 0.75
-    out = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators(2),
+    out = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens(0, 1),
                output_type="latent", return_intermediates=True, editing_prompt=["blue", "circle"],
                edit_warmup_steps=warmup, edit_threshold=threshold, edit_momentum_scale=0.0)
     num_steps = len(ours.scheduler.timesteps)
