@@ -6,8 +6,6 @@ exact hub layout (tests/fake_checkpoints.py), 32x32 and 64x64 pixels, with a few
 file runs in seconds.
 """
 
-import warnings
-
 import diffusers
 import numpy as np
 import PIL.Image
@@ -16,8 +14,8 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import minidiff
-from conftest import REFERENCE
 from fake_checkpoints import make_fake_ddpm_cat, make_fake_sd
+from helpers import as_tensor, gens, load_diffusers, load_minidiff, max_pixel_diff, quiet
 
 PIXEL = 1 / 255  # the bound on the largest pixel difference (images in [0, 1])
 SCHEDULER_NAMES = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
@@ -37,40 +35,17 @@ def scheduler_pair(name):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    if not REFERENCE.is_dir():
-        pytest.skip(f"reference configs not found at {REFERENCE} (set MINIDIFF_REFERENCE)")
+def folders(tmp_path_factory, reference_dir):
     root = tmp_path_factory.mktemp("hub")
-    return {"ddpm": make_fake_ddpm_cat(root / "ddpm-cat-256", REFERENCE),
-            "sd": make_fake_sd(root / "stable-diffusion-v1-4", REFERENCE)}
-
-
-def quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return {"ddpm": make_fake_ddpm_cat(root / "ddpm-cat-256", reference_dir),
+            "sd": make_fake_sd(root / "stable-diffusion-v1-4", reference_dir)}
 
 
 @pytest.fixture(scope="module")
 def sd_pair(folders):
     """(minidiff, diffusers) text-to-image pipelines on the fake SD folder."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = minidiff.StableDiffusionPipeline.from_pretrained(folders["sd"])
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd"], safety_checker=None,
-                                                               feature_extractor=None, requires_safety_checker=False)
-    return quiet(ours), quiet(theirs)
-
-
-def gens(*seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def max_pixel_diff(a, b) -> float:
-    """Largest difference of two image batches in [0, 1] (np arrays or lists of PIL images)."""
-    if isinstance(a, list):
-        a = np.stack([np.asarray(x, dtype=np.float32) / 255 for x in a])
-        b = np.stack([np.asarray(x, dtype=np.float32) / 255 for x in b])
-    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+    return (load_minidiff(minidiff.StableDiffusionPipeline, folders["sd"]),
+            load_diffusers("StableDiffusionPipeline", folders["sd"]))
 
 
 def assert_not_flat(images):
@@ -232,8 +207,7 @@ def test_img2img_parity(folders, sd_pair, name):
     assert max_pixel_diff(images, expected) <= PIXEL
 
     # One generator and a tensor image in [0, 1].
-    tensor = torch.from_numpy(np.asarray(image.crop((0, 0, 64, 64)), dtype=np.float32) / 255).permute(2, 0, 1)
-    kwargs = dict(image=tensor, strength=0.75, num_inference_steps=4, output_type="np")
+    kwargs = dict(image=as_tensor(image.crop((0, 0, 64, 64))), strength=0.75, num_inference_steps=4, output_type="np")
     images = pipe("a cat", generator=gens(7), **kwargs).images
     expected = ref("a cat", generator=gens(7), **kwargs).images
     assert_not_flat(images)
@@ -241,9 +215,7 @@ def test_img2img_parity(folders, sd_pair, name):
 
 
 def test_img2img_loads_from_a_text_to_image_folder(folders):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = quiet(minidiff.StableDiffusionImg2ImgPipeline.from_pretrained(folders["sd"]))
+    pipe = load_minidiff(minidiff.StableDiffusionImg2ImgPipeline, folders["sd"])
     assert type(pipe) is minidiff.StableDiffusionImg2ImgPipeline
     out = pipe("a cat", image=start_image(), strength=0.5, num_inference_steps=4, generator=gens(0),
                return_intermediates=True)

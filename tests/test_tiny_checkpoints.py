@@ -4,11 +4,11 @@ images in both, and draw what they are asked for."""
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import minidiff
+from helpers import gen, gens, max_pixel_diff, quiet
 from minidiff.checkpoints import TINY_DDPM, TINY_SD
 from minidiff.training import evaluate
 from minidiff.training.shapes import ShapesDataset, to_model_range
@@ -16,14 +16,7 @@ from minidiff.training.tokenizer import write_tokenizer
 
 MB = 1024 * 1024
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run fastest on one CPU thread, and do not stall when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def files_under(folder):
@@ -78,43 +71,31 @@ def test_vae_reconstructs_and_its_scaling_factor_was_measured():
     x = to_model_range(images)
     with torch.no_grad():
         posterior = vae.encode(x).latent_dist
-        z = posterior.sample(torch.Generator().manual_seed(0))
+        z = posterior.sample(gen(0))
         x_rec = vae.decode(posterior.mean).sample
     # SD's rule: scaling_factor = 1 / std of the latents, so the UNet sees unit variance
     assert vae.config.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.05)
     assert (x_rec - x).pow(2).mean() < 0.02  # in [-1, 1] (0.0115 measured): the shapes come back
 
 
-@pytest.fixture(scope="module")
-def sd_pipelines():
-    diffusers = pytest.importorskip("diffusers")
-    ours = minidiff.DiffusionPipeline.from_pretrained("tiny-sd")
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(TINY_SD)
-    for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
-    return ours, theirs
-
-
-def test_minidiff_and_diffusers_draw_the_same_image(sd_pipelines):
-    ours, theirs = sd_pipelines
+def test_minidiff_and_diffusers_draw_the_same_image(tiny_sd_pair):
+    ours, theirs = tiny_sd_pair                  # minidiff.DiffusionPipeline and diffusers' from the folder
     assert isinstance(ours, minidiff.StableDiffusionPipeline)
     prompts = ["a red circle", "a small blue diamond at the top left on a gray background"]
     images = []
     for pipe in (ours, theirs):
-        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-        images.append(pipe(prompts, num_inference_steps=25, guidance_scale=7.5, generator=generators,
+        images.append(pipe(prompts, num_inference_steps=25, guidance_scale=7.5, generator=gens(0, 1),
                            output_type="np").images)
     assert images[0].shape == (2, 64, 64, 3)
-    assert np.abs(images[0] - images[1]).max() <= 2 / 255
+    assert max_pixel_diff(images[0], images[1]) <= 2 / 255
 
 
-def test_tiny_sd_draws_the_prompt(sd_pipelines):
-    ours, _ = sd_pipelines
+def test_tiny_sd_draws_the_prompt(tiny_sd_pair):
+    ours, _ = tiny_sd_pair
     asked = [("red", "circle"), ("yellow", "square"), ("green", "triangle"), ("blue", "diamond"),
              ("cyan", "circle"), ("purple", "triangle")]
-    generators = [torch.Generator().manual_seed(100 + i) for i in range(len(asked))]
     images = ours([f"a {c} {s}" for c, s in asked], num_inference_steps=25, guidance_scale=7.5,
-                  generator=generators).images
+                  generator=gens(*range(100, 100 + len(asked)))).images
     found = [evaluate.analyse(image) for image in images]
     colors = sum(a.color == c for a, (c, _) in zip(found, asked))
     shapes = sum(a.shape == s for a, (_, s) in zip(found, asked))
@@ -123,13 +104,11 @@ def test_tiny_sd_draws_the_prompt(sd_pipelines):
 
 def test_tiny_ddpm_minidiff_and_diffusers_agree():
     diffusers = pytest.importorskip("diffusers")
-    ours = minidiff.DiffusionPipeline.from_pretrained("tiny-ddpm")
-    theirs = diffusers.DDPMPipeline.from_pretrained(TINY_DDPM)
+    ours = quiet(minidiff.DiffusionPipeline.from_pretrained("tiny-ddpm"))
+    theirs = quiet(diffusers.DDPMPipeline.from_pretrained(TINY_DDPM))
     assert isinstance(ours, minidiff.DDPMPipeline)
     images = []
     for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
-        generators = [torch.Generator().manual_seed(i) for i in range(2)]
-        images.append(pipe(batch_size=2, num_inference_steps=20, generator=generators, output_type="np").images)
+        images.append(pipe(batch_size=2, num_inference_steps=20, generator=gens(0, 1), output_type="np").images)
     assert images[0].shape == (2, 32, 32, 3)
-    assert np.abs(images[0] - images[1]).max() <= 2 / 255
+    assert max_pixel_diff(images[0], images[1]) <= 2 / 255

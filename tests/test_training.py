@@ -15,14 +15,7 @@ from minidiff.training.common import add_common_args
 from minidiff.training.shapes import HELD_OUT, POSITIONS, SIZES, ShapesDataset
 from minidiff.training.tokenizer import BOS, EOS, MODEL_MAX_LENGTH, build_vocab, write_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run fastest on one CPU thread, and do not stall when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the data set ------------------------------------------------------------------------------------
