@@ -85,7 +85,7 @@ def test_updates_lower_the_loss(pipe):
     with torch.enable_grad():
         for _ in range(5):
             loss, z = pipe.excite(z, t, text, SUBJECTS, (8, 8))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             z = z - 200 * torch.autograd.grad(loss, z)[0]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     # a small but real gain: tiny-sd's attention is nearly uniform over the tokens
