@@ -9,6 +9,10 @@ timing each notebook and reading its peak GPU memory. The committed notebooks ar
 into DIR (the real configs and tokenizer from `--reference`, random weights in float16; about 2.2 GB),
 then runs the course on them with MINIDIFF_MODELS=hub: a rehearsal of a GPU run with the real
 checkpoints (same shapes, dtype and memory), for machines that cannot reach the hub. The pictures are noise.
+With `--small` the folders keep the real configs' block structure but narrow layers (float32, ~30 MB), so
+the notebooks' hub settings (prompts, step counts, 512x2048 panoramas, ...) run on a CPU in minutes:
+
+    python notebooks/run_course.py --fake-hub /tmp/fakes-small --small 01 02 03 04 05 06 07 08 09 11 12 13 14 15 16
 
 For nbval's comparison of the marked outputs use `python -m pytest -q notebooks/` instead (tiny models).
 """
@@ -62,8 +66,19 @@ def run_notebook(path: Path, out_path: Path | None = None, timeout: int = 1200) 
             "peak_reserved_gib": round(peak["reserved"] / 2**30, 2), "error": error}
 
 
-def make_fake_hub(folder: Path, reference: Path) -> dict[str, Path]:
-    """Full-size CompVis/stable-diffusion-v1-4 and google/ddpm-cat-256 folders with random float16 weights."""
+# --small: the same configs with narrow layers, so that the hub settings of every notebook run on a CPU in minutes.
+# SD: 256x256 images (32x32 latents: attention over 1,024 positions, not 4,096); ddpm-cat: 64x64 pixels.
+SMALL = {
+    "unet": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=32, sample_size=32),
+    "vae": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=256),
+    "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "ddpm": dict(block_out_channels=[16, 16, 32, 32, 32, 32], norm_num_groups=8, layers_per_block=1, sample_size=64),
+}
+
+
+def make_fake_hub(folder: Path, reference: Path, small: bool = False) -> dict[str, Path]:
+    """CompVis/stable-diffusion-v1-4 and google/ddpm-cat-256 folders with random weights: full size in float16,
+    or with `small` the same block structure with narrow layers (SMALL) in float32, for a rehearsal on a CPU."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -78,15 +93,20 @@ def make_fake_hub(folder: Path, reference: Path) -> dict[str, Path]:
     shutil.copy(sd_ref / "model_index.json", sd / "model_index.json")
     for sub in ("tokenizer", "scheduler"):
         shutil.copytree(sd_ref / sub, sd / sub, dirs_exist_ok=True)
+    dtype = torch.float32 if small else torch.float16
+
+    def config(path: Path, part: str) -> dict:
+        return {**json.loads(path.read_text()), **(SMALL[part] if small else {})}
+
     for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
         with torch.device(device):
-            model = cls.from_config(json.loads((sd_ref / sub / "config.json").read_text()))
-        model.half().save_pretrained(str(sd / sub))
+            model = cls.from_config(config(sd_ref / sub / "config.json", sub))
+        model.to(dtype).save_pretrained(str(sd / sub))
         del model
-    text_config = CLIPTextConfig.from_dict(json.loads((sd_ref / "text_encoder" / "config.json").read_text()))
+    text_config = CLIPTextConfig.from_dict(config(sd_ref / "text_encoder" / "config.json", "text_encoder"))
     with torch.device(device):
         text_encoder = CLIPTextModel(text_config)
-    text_encoder.half().save_pretrained(sd / "text_encoder")
+    text_encoder.to(dtype).save_pretrained(sd / "text_encoder")
     del text_encoder
 
     cat.mkdir(parents=True, exist_ok=True)
@@ -94,8 +114,8 @@ def make_fake_hub(folder: Path, reference: Path) -> dict[str, Path]:
         {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
     shutil.copy(cat_ref / "scheduler_config.json", cat / "scheduler_config.json")
     with torch.device(device):
-        unet = UNet2DModel.from_config(json.loads((cat_ref / "config.json").read_text()))
-    unet.half().save_pretrained(str(cat))
+        unet = UNet2DModel.from_config(config(cat_ref / "config.json", "ddpm"))
+    unet.to(dtype).save_pretrained(str(cat))
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     print(f"fake hub folders in {folder}: {size / 2**30:.2f} GiB written in {time.perf_counter() - start:.0f} s", flush=True)
     return {"sd": sd, "ddpm": cat}
@@ -106,13 +126,15 @@ def main() -> None:
     parser.add_argument("--out", help="write the executed notebooks and times.json here")
     parser.add_argument("--times", help="write only the times (JSON) to this file")
     parser.add_argument("--fake-hub", help="build full-size random-weight hub folders here and run on them")
+    parser.add_argument("--small", action="store_true",
+                        help="with --fake-hub: narrow layers, float32 (the hub settings on a CPU in minutes)")
     parser.add_argument("--reference", default=str(HERE.parent.parent / "shared" / "reference"),
                         help="folder of the real configs (stable-diffusion-v1-4/, ddpm-cat-256/)")
     parser.add_argument("only", nargs="*", help="prefixes of the notebooks to run (default: all)")
     args = parser.parse_args()
 
     if args.fake_hub:
-        fakes = make_fake_hub(Path(args.fake_hub), Path(args.reference))
+        fakes = make_fake_hub(Path(args.fake_hub), Path(args.reference), small=args.small)
         os.environ.update(MINIDIFF_MODELS="hub", MINIDIFF_SD=str(fakes["sd"]), MINIDIFF_DDPM=str(fakes["ddpm"]))
 
     out = Path(args.out) if args.out else None

@@ -1,0 +1,34 @@
+"""notebooks/run_course.py's fake hub folders: the real configs' structure, random weights, loadable."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+import minidiff
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_run_course():
+    spec = importlib.util.spec_from_file_location("run_course", REPO / "notebooks" / "run_course.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_fake_hub_keeps_the_real_structure_and_generates(tmp_path, reference_dir):
+    fakes = load_run_course().make_fake_hub(tmp_path, reference_dir, small=True)
+    real_unet = json.loads((reference_dir / "stable-diffusion-v1-4" / "unet" / "config.json").read_text())
+    unet = minidiff.UNet2DConditionModel.from_pretrained(str(fakes["sd"]), subfolder="unet")
+    assert unet.config.down_block_types == tuple(real_unet["down_block_types"])    # the same blocks, narrower
+    assert unet.config.block_out_channels == (32, 32, 64, 64)
+    sd = minidiff.StableDiffusionPipeline.from_pretrained(str(fakes["sd"]))
+    sd.set_progress_bar_config(disable=True)
+    image = sd("a photo of a cat", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 256, 256, 3) and image.std() > 0
+    ddpm = minidiff.DiffusionPipeline.from_pretrained(str(fakes["ddpm"]))
+    ddpm.set_progress_bar_config(disable=True)
+    assert ddpm(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
