@@ -230,7 +230,8 @@ SPEC = dict(
             k = next(i for i, c in enumerate(captions) if " red " in f" {c} ")
             real, caption = drawn[k:k + 1].float() / 255, captions[k]                   # (1, 3, 64, 64) in [0, 1]
         else:
-            real, caption = (viz.sample_photo("chelsea", 512) + 1) / 2, "a photo of a cat"
+            size = p2p.unet.config.sample_size * p2p.vae_scale_factor               # the model's own size: 512 for SD v1
+            real, caption = (viz.sample_photo("chelsea", size) + 1) / 2, "a photo of a cat"
         inverted = p2p.invert(caption, real, num_inference_steps=p2p_steps, generator=setup.generator(0))
         edited = p2p(caption, source_embeds, target_embeds, latents=inverted.latents, num_inference_steps=p2p_steps,
                      guidance_scale=guidance, cross_attention_guidance_amount=amount)
