@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess, predict_x0
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
+from ..schedulers.base import x0_and_eps
 from .attention_maps import attention_layers, capture, layer_size
 
 BLUR_KERNEL_SIZE, BLUR_SIGMA = 9, 1.0
@@ -171,12 +172,7 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
         return self.scheduler.add_noise(x0_degraded, eps, t.reshape(1))
 
     def predict_eps(self, sample, model_output, t) -> torch.Tensor:
-        """ε from the model output, for the three prediction types (x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε)."""
+        """ε from the model output, whatever the model predicts (x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε)."""
         prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        if prediction_type == "epsilon":
-            return model_output
         alpha_bar_t = self.scheduler.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[t.long()]
-        if prediction_type == "v_prediction":
-            # v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x_0  =>  ε = sqrt(1 - ᾱ) x_t + sqrt(ᾱ) v  (Salimans & Ho 2022)
-            return (1 - alpha_bar_t).sqrt() * sample + alpha_bar_t.sqrt() * model_output
-        return (sample - alpha_bar_t.sqrt() * model_output) / (1 - alpha_bar_t).sqrt()   # "sample": x_0 itself
+        return x0_and_eps(prediction_type, model_output, sample, alpha_bar_t)[1]

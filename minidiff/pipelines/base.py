@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import schedulers
 from ..config import read_json
+from ..schedulers.base import x0_and_eps
 from ..hub import OFFLINE_HELP, bundled_path, resolve_file
 from ..layers import Attention
 from ..unet_2d import UNet2DModel
@@ -149,11 +150,7 @@ def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t) -
     # Indexing with the tensor t keeps the computation on the device: no GPU sync.
     alpha_bar_t = scheduler.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[t]
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-    if prediction_type == "epsilon":
-        return (sample - (1 - alpha_bar_t).sqrt() * model_output) / alpha_bar_t.sqrt()
-    if prediction_type == "v_prediction":  # v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x_0  (Salimans & Ho 2022)
-        return alpha_bar_t.sqrt() * sample - (1 - alpha_bar_t).sqrt() * model_output
-    return model_output  # prediction_type "sample": the model predicts x_0 itself
+    return x0_and_eps(prediction_type, model_output, sample, alpha_bar_t)[0]
 
 
 # --- the base class -----------------------------------------------------------------------------------

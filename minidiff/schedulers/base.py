@@ -109,6 +109,26 @@ def given_values(config) -> dict:
 
 
 
+def x0_and_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t):
+    """x_t and the model's output at t -> (x̂_0, ε), each (B, C, H, W), whatever the model predicts.
+
+    All of minidiff's schedulers work on the variance-preserving x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε
+    (Ho et al. 2020, eq. 4); the config's `prediction_type` says which of ε, x_0 ("sample") or
+    v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022, "v_prediction") the model outputs.
+    """
+    beta_bar_t = 1 - alpha_bar_t                                       # 1 - ᾱ_t
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - beta_bar_t ** 0.5 * eps) / alpha_bar_t ** 0.5
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - alpha_bar_t ** 0.5 * x0) / beta_bar_t ** 0.5
+    else:  # "v_prediction"
+        x0 = alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output
+        eps = alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample
+    return x0, eps
+
+
 def vp_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """α_t = sqrt(ᾱ_t), σ_t = sqrt(1 - ᾱ_t) and the log-SNR λ_t = log α_t - log σ_t (Lu et al. 2022, sec. 2),
     the variables of the multistep solvers (DPM-Solver++, UniPC). All (T,)."""

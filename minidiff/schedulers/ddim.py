@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils import randn_tensor
-from .base import SchedulerBase, SchedulerOutput, spaced_timesteps
+from .base import SchedulerBase, SchedulerOutput, spaced_timesteps, x0_and_eps
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,8 @@ def predict_x0_and_eps(config, model_output: torch.Tensor, sample: torch.Tensor,
     """Steps 3-4 of DDIM's step (and of DDIMInverseScheduler's): x_t and the model output -> (x̂_0, ε), each
     (B, C, H, W), from x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε whatever the model predicts; x̂_0 clipped if
     `config.clip_sample`."""
-    beta_bar_t = 1 - alpha_bar_t
     # 3. "predicted x_0" of eq. 12, and the ε that goes with it
-    if config.prediction_type == "epsilon":
-        x0_pred = (sample - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5
-        eps = model_output
-    elif config.prediction_type == "sample":
-        x0_pred = model_output
-        eps = (sample - alpha_bar_t ** 0.5 * x0_pred) / beta_bar_t ** 0.5
-    else:  # "v_prediction", v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
-        x0_pred = alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output
-        eps = alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample
+    x0_pred, eps = x0_and_eps(config.prediction_type, model_output, sample, alpha_bar_t)
 
     # 4. clip x̂_0 to the image range
     if config.clip_sample:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils import randn_tensor
-from .base import SchedulerBase, SchedulerOutput, spaced_timesteps
+from .base import SchedulerBase, SchedulerOutput, spaced_timesteps, x0_and_eps
 
 
 @dataclass(frozen=True)
@@ -92,12 +92,7 @@ class DDPMScheduler(SchedulerBase):
         beta_t = 1 - alpha_t
 
         # 3. x̂_0 from the model output; eq. 15: x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)
-        if self.config.prediction_type == "epsilon":
-            x0_pred = (sample - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5
-        elif self.config.prediction_type == "sample":
-            x0_pred = model_output
-        else:  # "v_prediction", v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
-            x0_pred = alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output
+        x0_pred, _ = x0_and_eps(self.config.prediction_type, model_output, sample, alpha_bar_t)
 
         # 4. images live in [-1, 1]: clip the estimate there (as the DDPM code does)
         if self.config.clip_sample:
