@@ -162,8 +162,8 @@ SPEC = dict(
         pipeline). The second moves the latents during the first half of the steps (the paper: 25 of 50) with
         the paper's step size (`scale_factor=20`) and refines at the threshold steps 0 and 10 (and 20). The
         third takes steps 50 times larger. tiny-sd draws one shape per image (it never saw two), so it cannot
-        draw both subjects whatever the attention does. With SD v1-4, the second row is where the paper's
-        neglected subjects come back (for some seeds, not all).
+        draw both subjects whatever the attention does. With SD v1-4, the second row's setting is the one
+        with which the paper reports neglected subjects coming back (not run here: no GPU in CI).
         """),
         (CODE, """
         seeds = [0, 1, 2]
