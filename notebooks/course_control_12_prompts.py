@@ -96,7 +96,7 @@ SPEC = dict(
         On tiny-sd the image barely moves from 0 to 1.5, and at 2 it changes all at once (colour and edges)
         instead of step by step. Even a weight of 0 keeps the circle red: CLIP's text encoder is causal, so every token after "red", and the
         end and padding rows (most of the 77), have already read it. A weight scales one row of 77 that the
-        cross-attention reads. SD v1 weighs its words more gradually; 0.5 to 1.5 is the useful range there too,
+        cross-attention reads. With SD v1, users of this syntax mostly stay between 0.5 and 1.5 (not measured here),
         and the pipeline refuses weights outside [0, 10].
 
         ## 4. Blending two prompts

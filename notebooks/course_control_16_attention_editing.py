@@ -187,7 +187,7 @@ SPEC = dict(
 
         Where does the object's token look at each step, in the source pass and in the edited pass? These are
         the maps the guidance compares (heads averaged, layers resized to the latent grid and averaged, the
-        prompt half of the batch). With SD v1.4 the object's token lights up the object. tiny-sd's maps are
+        prompt half of the batch). With SD v1.4 the object's token lights up the object (Hertz et al. 2022 show such maps; not run here). tiny-sd's maps are
         8x8 and its tiny text encoder spreads each token's attention differently (its shape token may even look
         at the background); what counts is that the edited pass keeps the pattern of the source pass.
         """),
