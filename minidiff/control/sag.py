@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess, predict_x0
+from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
 from ..schedulers.base import x0_and_eps
@@ -163,16 +163,12 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
 
     def degrade(self, latents, model_output, mask, t) -> torch.Tensor:
         """z_t, the model output for it and M_t (B, 1, h_mid, w_mid) -> z̃_t, blurred where M_t = 1: (B, 4, h, w)."""
-        x0 = predict_x0(self.scheduler, latents, model_output, t)        # x̂_0: (B, 4, h, w)
-        eps = self.predict_eps(latents, model_output, t)                 # ε̂, whatever the model predicts
+        # x̂_0 and ε̂ from one model output, whatever the model predicts: (B, 4, h, w) each
+        prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        alpha_bar_t = self.scheduler.alphas_cumprod.to(device=latents.device, dtype=latents.dtype)[t.long()]
+        x0, eps = x0_and_eps(prediction_type, model_output, latents, alpha_bar_t)
         mask = F.interpolate(mask, size=latents.shape[-2:])              # nearest: (B, 1, h_mid, w_mid) -> (B, 1, h, w)
         # x̃_0 = M ⊙ G(x̂_0) + (1 - M) ⊙ x̂_0
         x0_degraded = gaussian_blur_2d(x0) * mask + x0 * (1 - mask)
         # z̃_t = sqrt(ᾱ_t) x̃_0 + sqrt(1 - ᾱ_t) ε̂: the same noise level as z_t
         return self.scheduler.add_noise(x0_degraded, eps, t.reshape(1))
-
-    def predict_eps(self, sample, model_output, t) -> torch.Tensor:
-        """ε from the model output, whatever the model predicts (x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε)."""
-        prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        alpha_bar_t = self.scheduler.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[t.long()]
-        return x0_and_eps(prediction_type, model_output, sample, alpha_bar_t)[1]
