@@ -5,10 +5,10 @@ Each name below lives in one short file; open it beside the notebooks.
 
 __version__ = "0.1.0"
 
-from .unet_2d import UNet2DConfig, UNet2DModel, UNet2DOutput
-from .vae import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
+from .models.unet_2d import UNet2DConfig, UNet2DModel, UNet2DOutput
+from .models.vae import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
 
-from .unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel, UNet2DConditionOutput
+from .models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel, UNet2DConditionOutput
 
 from .schedulers.ddim import DDIMScheduler
 from .schedulers.ddim_inverse import DDIMInverseScheduler

@@ -59,7 +59,7 @@ class CourseSetup:
         return tiny if self.tiny else hub
 
     def generator(self, seed: int) -> torch.Generator:
-        """A CPU generator: the same seed draws the same noise on every device (see `minidiff.utils.randn_tensor`)."""
+        """A CPU generator: the same seed draws the same noise on every device (see `minidiff.core.utils.randn_tensor`)."""
         return torch.Generator("cpu").manual_seed(seed)
 
     def describe(self) -> str:

@@ -177,7 +177,7 @@ notebook(
         With hundreds of steps we keep 8 of them to look at (`viz.pick_steps`), always the first and the last.
         """),
         (CODE, """
-        from minidiff.utils import randn_tensor
+        from minidiff.core.utils import randn_tensor
 
         generator = setup.generator(0)
         x = randn_tensor((1, C, S, S), generator=generator, device=setup.device, dtype=setup.dtype)  # x_T: (1, C, S, S)
@@ -307,7 +307,7 @@ notebook(
             "scaled_linear (SD)": DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
             "cosine": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
         }
-        viz.plot_schedules(schedules);
+        viz.plot_training_schedules(schedules);
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
@@ -340,9 +340,7 @@ notebook(
         `init_noise_sigma` instead of 1.
         """),
         (CODE, """
-        from minidiff.schedulers import compare
-
-        compare.plot_schedules(scheduler.config, [type(s) for s in samplers.values()], num_steps);
+        viz.plot_sampling_schedules(scheduler.config, [type(s) for s in samplers.values()], num_steps);
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
@@ -432,7 +430,7 @@ notebook(
         """),
         (CODE, """
         import math
-        from minidiff.layers import timestep_embedding
+        from minidiff.blocks.layers import timestep_embedding
 
         C0 = cfg.block_out_channels[0]
         all_t = torch.arange(0, 1000, 10)
@@ -634,7 +632,7 @@ notebook(
         exactly as we do here, so the same generator gives the same sample:
         """),
         (CODE, """
-        from minidiff.utils import randn_tensor
+        from minidiff.core.utils import randn_tensor
 
         sampled = posterior.sample(setup.generator(0))
         eps = randn_tensor(posterior.mean.shape, generator=setup.generator(0), device=setup.device, dtype=setup.dtype)
@@ -878,7 +876,7 @@ notebook(
         (CODE, """
         from transformers import CLIPTextModel, CLIPTokenizer
         from minidiff import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
-        from minidiff.hub import bundled_path
+        from minidiff.core.hub import bundled_path
 
         folder = bundled_path(setup.sd) or setup.sd           # a folder or a hub repo id, for transformers
         vae = AutoencoderKL.from_pretrained(setup.sd, subfolder="vae", torch_dtype=setup.dtype).to(setup.device)
@@ -927,7 +925,7 @@ notebook(
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
-        from minidiff.utils import randn_tensor
+        from minidiff.core.utils import randn_tensor
 
         generator = setup.generator(0)
         latents = randn_tensor((batch_size, unet.config.in_channels, height // f, width // f), generator=generator,
@@ -945,7 +943,7 @@ notebook(
         model's prediction of the clean latent, x0 = (z_t - sqrt(1 - ᾱ_t) ε̃) / sqrt(ᾱ_t).
         """),
         (CODE, """
-        from minidiff.pipelines.base import predict_x0
+        from minidiff.schedulers.base import predict_x0
 
         all_latents, all_x0 = [], []
         for t in scheduler.timesteps:
@@ -1076,7 +1074,7 @@ notebook(
         ## 1. A batch with one generator per image
 
         `generator=[g0, g1, g2, g3]`: the starting noise of image i is drawn from g_i alone
-        (`minidiff.utils.randn_tensor`), and so are the random draws of the scheduler for it.
+        (`minidiff.core.utils.randn_tensor`), and so are the random draws of the scheduler for it.
         """),
         (CODE, """
         seeds = [0, 1, 2, 3]
@@ -1131,7 +1129,7 @@ notebook(
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
-        from minidiff.utils import randn_tensor
+        from minidiff.core.utils import randn_tensor
 
         h = w = pipe.unet.config.sample_size
         z_T = randn_tensor((1, 4, h, w), generator=setup.generator(seeds[pick]), device=setup.device, dtype=setup.dtype)
@@ -1203,7 +1201,7 @@ notebook(
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
-        from minidiff.utils import randn_tensor
+        from minidiff.core.utils import randn_tensor
 
         strength = 0.6
         out = pipe(prompt, init, strength=strength, num_inference_steps=steps, guidance_scale=guidance,

@@ -206,7 +206,7 @@ SPEC = dict(
         (CODE, """
         # NBVAL_CHECK_OUTPUT
         import torch.nn.functional as F
-        from minidiff.utils import randn_tensor
+        from minidiff.core.utils import randn_tensor
 
         out = inpaint(new, init, mask, num_inference_steps=steps, guidance_scale=guidance,
                       generator=setup.generator(0), return_intermediates=True)

@@ -70,7 +70,7 @@ SPEC = dict(
         (CODE, """
         # NBVAL_CHECK_OUTPUT
         from minidiff.pipelines.text import encode_text
-        from minidiff.utils import randn_tensor
+        from minidiff.core.utils import randn_tensor
 
         h = w = pipe.unet.config.sample_size
         pipe.scheduler.set_timesteps(steps)
@@ -197,7 +197,7 @@ SPEC = dict(
         (CODE, """
         # NBVAL_CHECK_OUTPUT
         from minidiff.control import attention_layers, capture
-        from minidiff.pipelines.base import predict_x0
+        from minidiff.schedulers.base import predict_x0
 
         layers = attention_layers(sag.unet, "self", "mid")
         print("middle-block self-attention:", list(layers))

@@ -131,7 +131,7 @@ SPEC = dict(
         """),
         (CODE, """
         # NBVAL_CHECK_OUTPUT
-        from minidiff.utils import randn_tensor
+        from minidiff.core.utils import randn_tensor
 
         n = 10                                                    # noise draws (num_maps_per_mask)
         mask = pipe.generate_mask(image=image, source_prompt=source, target_prompt=target, num_maps_per_mask=n,

@@ -123,7 +123,7 @@ TRAINING = dict(
         """),
         (CODE, """
         import os
-        from minidiff.hub import bundled_path
+        from minidiff.core.hub import bundled_path
 
         bundled = DDPMPipeline.from_pretrained("tiny-ddpm").to(setup.device)
         bundled.set_progress_bar_config(disable=True)

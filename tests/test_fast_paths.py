@@ -15,7 +15,7 @@ import minidiff
 from conftest import REFERENCE
 from fake_checkpoints import TINY_SD_UNET, TINY_SD_VAE, make_fake_ddpm_cat, make_fake_sd
 from helpers import randomize_, rel_err
-from minidiff.layers import Attention
+from minidiff.blocks.layers import Attention
 
 TOL = 1e-5  # fp32 relative error
 

@@ -11,7 +11,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundE
 from safetensors.torch import load_file, save_file
 
 import minidiff
-import minidiff.hub
+import minidiff.core.hub
 
 UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
@@ -292,7 +292,7 @@ def test_missing_weight_file_on_the_hub_tries_the_next_format(unet_dir, monkeypa
 
 
 def test_bundled_name_whose_folder_does_not_exist(tmp_path, monkeypatch):
-    monkeypatch.setattr(minidiff.hub, "BUNDLED_DIR", str(tmp_path / "checkpoints"))
+    monkeypatch.setattr(minidiff.core.hub, "BUNDLED_DIR", str(tmp_path / "checkpoints"))
     with pytest.raises(FileNotFoundError, match=r"'tiny-ddpm' is a bundled minidiff checkpoint but .*checkpoints/"
                                                 r"tiny-ddpm does not exist.*Reinstall minidiff"):
         minidiff.UNet2DModel.from_pretrained("tiny-ddpm")

@@ -14,7 +14,7 @@ import torch
 import minidiff
 from conftest import REFERENCE
 from fake_checkpoints import make_fake_ddpm_cat, make_fake_sd
-from minidiff.pipelines.base import predict_x0
+from minidiff.schedulers.base import predict_x0
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import torch
 import minidiff
 from helpers import rel_err
 from minidiff.schedulers import DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
-from minidiff.schedulers.compare import FIGSIZE, Schedule, plot_schedules, schedule_table
+from minidiff.schedulers.compare import Schedule, schedule_table
+from minidiff.viz.schedules import FIGSIZE, plot_sampling_schedules
 from scheduler_harness import (DDPM_CAT_CONFIG, SD_PNDM_CONFIG, assert_same_schedule, build_pair, compare_add_noise,
                                compare_sampling, fake_model, reference_configs, sample_loop)
 
@@ -398,8 +399,8 @@ def test_schedule_table_bad_input():
         schedule_table(SD_PNDM_CONFIG, [DPMSolverMultistepScheduler()], 10)
 
 
-def test_plot_schedules():
-    fig = plot_schedules(SD_PNDM_CONFIG, [DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler], 10)
+def test_plot_sampling_schedules():
+    fig = plot_sampling_schedules(SD_PNDM_CONFIG, [DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler], 10)
     try:
         assert tuple(fig.get_size_inches()) == pytest.approx(FIGSIZE)
         assert len(fig.axes) == 3

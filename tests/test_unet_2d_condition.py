@@ -8,8 +8,8 @@ from diffusers import UNet2DConditionModel as RefUNet
 
 from helpers import randomize_, rel_err
 from minidiff import UNet2DConditionConfig, UNet2DConditionModel
-from minidiff.config import config_from_dict
-from minidiff.layers import Attention
+from minidiff.core.config import config_from_dict
+from minidiff.blocks.layers import Attention
 
 SMALL = dict(  # 2 blocks, one int for the heads, 1x1-conv projections
     block_out_channels=(32, 64),

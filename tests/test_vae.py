@@ -11,7 +11,7 @@ from helpers import randomize_, rel_err
 from safetensors.torch import load_file, save_file
 
 import minidiff
-from minidiff.modeling import LEGACY_ATTENTION_NAMES
+from minidiff.models.modeling import LEGACY_ATTENTION_NAMES
 
 TOL = 1e-5
 

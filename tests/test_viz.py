@@ -188,9 +188,9 @@ class _FakeScheduler:
         self.timesteps = torch.linspace(len(self.alphas_cumprod) - 1, 0, n).round().long()
 
 
-def test_plot_schedules_plots_alpha_bar_snr_sigma():
+def test_plot_training_schedules_plots_alpha_bar_snr_sigma():
     s = _FakeScheduler(100)
-    fig = viz.plot_schedules({"linear": s})
+    fig = viz.plot_training_schedules({"linear": s})
     a, snr, sigma = (ax.lines[0].get_ydata() for ax in fig.axes)
     ab = s.alphas_cumprod.double().numpy()
     np.testing.assert_allclose(a, ab)
@@ -247,7 +247,7 @@ def test_timestep_slider_falls_back_to_a_static_grid():
 
 def test_timestep_slider_widget_scrubs(monkeypatch):
     ipywidgets = pytest.importorskip("ipywidgets")
-    monkeypatch.setattr(viz, "widgets_available", lambda: True)
+    monkeypatch.setattr(viz.animation, "widgets_available", lambda: True)   # where timestep_slider looks it up
     frames = torch.rand(5, 3, 4, 4) * 2 - 1
     box = viz.timestep_slider(frames, [40, 30, 20, 10, 0], side=8)
     slider, label, view = box.children

@@ -31,7 +31,3 @@ from .inversion import InversionOutput, ddim_invert, relative_error
 from .diffedit import DiffEditInversionPipelineOutput, StableDiffusionDiffEditPipeline
 from .pix2pix_zero import Pix2PixZeroOutput, StableDiffusionPix2PixZeroPipeline
 from .model_editing import StableDiffusionModelEditingPipeline, align_tokens
-
-PIPELINES = (StableDiffusionPromptWeightingPipeline, StableDiffusionInpaintPipeline, SemanticStableDiffusionPipeline,
-             StableDiffusionSAGPipeline, StableDiffusionPanoramaPipeline, StableDiffusionAttendAndExcitePipeline,
-             StableDiffusionDiffEditPipeline, StableDiffusionPix2PixZeroPipeline, StableDiffusionModelEditingPipeline)

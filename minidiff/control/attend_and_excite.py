@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess
+from ..pipelines.outputs import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
 from .attention_maps import attention_layers, average_maps, capture, layer_size

@@ -1,7 +1,7 @@
 """Capturing attention maps from the Stable Diffusion UNet, shared by the attention notebook, SAG,
 Attend-and-Excite and Pix2Pix-Zero.
 
-Every `Attention` layer has a visible switch, `store_attention_probs` (see minidiff/layers.py): when on,
+Every `Attention` layer has a visible switch, `store_attention_probs` (see minidiff/blocks/layers.py): when on,
 the layer computes softmax(Q K^T / sqrt(d)) explicitly and keeps it on `layer.attention_probs`,
 shape (B, heads, N, M): N = h_l * w_l image positions of that layer's feature map, M = 77 text tokens
 for a cross-attention layer (`attn2`) or M = N positions for a self-attention layer (`attn1`).
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..layers import Attention
+from ..blocks.layers import Attention
 
 KINDS = {"cross": ".attn2", "self": ".attn1"}
 BLOCKS = ("down", "mid", "up")
@@ -101,5 +101,5 @@ def average_maps(probs: list[torch.Tensor], latent_hw: tuple[int, int], size: tu
         maps.append(m)
     if not maps:
         raise ValueError("No attention maps were given: switch store_attention_probs on (see "
-                         "minidiff.layers.Attention, or minidiff.control.capture) and run the model first.")
+                         "minidiff.blocks.layers.Attention, or minidiff.control.capture) and run the model first.")
     return torch.stack(maps).mean(dim=0)                               # (L, B, M, *size) -> (B, M, *size)

@@ -27,12 +27,12 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
+from ..pipelines.outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, classifier_free_guidance, prompt_embeddings
 from ..schedulers.ddim import DDIMScheduler
 from ..schedulers.ddim_inverse import DDIMInverseScheduler
-from ..utils import randn_tensor
+from ..core.utils import randn_tensor
 from .inversion import check_strength, ddim_invert, encode_image, preprocess_image
 
 

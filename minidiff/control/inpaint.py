@@ -29,10 +29,10 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
+from ..pipelines.outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from ..pipelines.img2img import StableDiffusionImg2ImgPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
-from ..utils import randn_tensor
+from ..core.utils import randn_tensor
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import PIL.Image
 import torch
 
-from ..pipelines.base import Intermediates
+from ..pipelines.outputs import Intermediates
 from ..pipelines.img2img import StableDiffusionImg2ImgPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
 from ..schedulers.ddim_inverse import DDIMInverseScheduler

@@ -23,10 +23,10 @@ import copy
 
 import torch
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess, predict_x0
+from ..pipelines.outputs import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, classifier_free_guidance, prompt_embeddings
-from ..schedulers.base import SchedulerOutput
+from ..schedulers.base import SchedulerOutput, predict_x0
 
 
 class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):

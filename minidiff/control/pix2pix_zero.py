@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.base import Intermediates, postprocess
+from ..pipelines.outputs import Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, classifier_free_guidance, encode_text, prompt_embeddings
+from ..schedulers.ddim_inverse import DDIMInverseScheduler
 from .attention_maps import attention_layers, average_maps, capture
 from .inversion import InversionOutput, encode_image, preprocess_image
 
@@ -245,8 +246,6 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
         `inverse_scheduler` defaults to DDIMInverseScheduler from this pipeline's scheduler config.
         """
         # 0. Check the inputs.
-        from ..schedulers.ddim_inverse import DDIMInverseScheduler
-
         prompts = as_prompt_list(prompt)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"invert takes one torch.Generator (it draws the VAE sample and the random shifts of "

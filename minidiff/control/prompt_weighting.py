@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess
+from ..pipelines.outputs import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess
+from ..pipelines.outputs import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
 from ..schedulers.base import x0_and_eps

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pipelines.base import ImagePipelineOutput, Intermediates, postprocess
+from ..pipelines.outputs import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, encode_text, prompt_embeddings
 

@@ -6,7 +6,8 @@
 - `DiffusionPipeline.from_pretrained(folder)`: the class `model_index.json` names.  base.py
 """
 
-from .base import DiffusionPipeline, ImagePipelineOutput, Intermediates
+from .base import DiffusionPipeline
+from .outputs import ImagePipelineOutput, Intermediates
 from .ddpm import DDPMPipeline
 from .img2img import StableDiffusionImg2ImgPipeline
 from .stable_diffusion import StableDiffusionPipeline

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import randn_tensor
-from .base import DiffusionPipeline, ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
+from ..core.utils import randn_tensor
+from .base import DiffusionPipeline
+from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 
 
 class DDPMPipeline(DiffusionPipeline):

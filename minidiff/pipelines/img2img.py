@@ -17,8 +17,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..utils import randn_tensor
-from .base import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
+from ..core.utils import randn_tensor
+from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from .stable_diffusion import StableDiffusionPipeline
 from .text import as_prompt_list, prompt_embeddings
 

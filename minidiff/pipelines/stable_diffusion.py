@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import randn_tensor
-from .base import (DiffusionPipeline, ImagePipelineOutput, Intermediates, check_generator, check_output_type,
-                   postprocess)
+from ..core.utils import randn_tensor
+from .base import DiffusionPipeline
+from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from .text import as_prompt_list, classifier_free_guidance, prompt_embeddings
 
 

@@ -9,4 +9,4 @@ from .euler_ancestral import EulerAncestralDiscreteScheduler, EulerAncestralDisc
 from .pndm import PNDMScheduler, PNDMSchedulerConfig
 from .dpmsolver_multistep import DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig
 from .unipc_multistep import UniPCMultistepScheduler, UniPCMultistepSchedulerConfig
-from .compare import Schedule, plot_schedules, schedule_table
+from .compare import Schedule, schedule_table

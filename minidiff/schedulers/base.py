@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import config_from_dict, config_to_dict, read_json
-from ..hub import resolve_file
+from ..core.config import config_from_dict, config_to_dict, read_json
+from ..core.hub import resolve_file
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -127,6 +127,19 @@ def x0_and_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.T
         x0 = alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output
         eps = alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample
     return x0, eps
+
+
+def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
+    """x_0 from the model output at timestep t, for schedulers whose step() returns no x_0 (PNDM,
+    DPM-Solver, UniPC). They all work on the variance-preserving x_t of Ho et al. 2020, eq. 4:
+
+        x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   =>   x_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)
+    """
+    t = t.long() if isinstance(t, torch.Tensor) else int(t)
+    # Indexing with the tensor t keeps the computation on the device: no GPU sync.
+    alpha_bar_t = scheduler.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[t]
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    return x0_and_eps(prediction_type, model_output, sample, alpha_bar_t)[0]
 
 
 def vp_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

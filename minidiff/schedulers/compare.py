@@ -2,7 +2,7 @@
 
     from minidiff.schedulers import DDIMScheduler, DPMSolverMultistepScheduler
     table = schedule_table(pipe.scheduler.config, [DDIMScheduler, DPMSolverMultistepScheduler], 25)
-    fig = plot_schedules(pipe.scheduler.config, [DDIMScheduler, DPMSolverMultistepScheduler], 25)
+    fig = minidiff.viz.plot_sampling_schedules(pipe.scheduler.config, [DDIMScheduler, DPMSolverMultistepScheduler], 25)
 
 Every scheduler is built from the same config with `from_config`, as the tutorials swap samplers. At each
 step i the table gives the timestep t_i the model is told and the noise level of x there, three ways:
@@ -24,10 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-PANEL = 2.4                        # inches per plot, as in minidiff.viz
-FIGSIZE = (3 * PANEL, PANEL)       # one small row of three plots; keeps committed notebook outputs small
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -76,25 +72,3 @@ def schedule_table(config, schedulers, num_inference_steps: int) -> list[Schedul
         scheduler.set_timesteps(num_inference_steps)
         table.append(_schedule_of(scheduler, cls.__name__.removesuffix("Scheduler")))
     return table
-
-
-def plot_schedules(config, schedulers, num_inference_steps: int):
-    """ᾱ, log-SNR and σ against the step index for each scheduler class, in one small figure. Returns the
-    matplotlib Figure (assign it, `fig = plot_schedules(...)`, so Jupyter shows it once).
-    (`minidiff.viz.plot_schedules` draws the training schedule over all T timesteps instead.)"""
-    from ..viz import DPI, plt  # matplotlib only when plotting; viz picks a headless backend outside Jupyter
-
-    table = schedule_table(config, schedulers, num_inference_steps)
-    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE, dpi=DPI)
-    panels = [("alpha_bar", "ᾱ (signal kept)", "linear"), ("log_snr", "log SNR = log ᾱ/(1-ᾱ)", "linear"),
-              ("sigma", "σ (EDM noise level)", "log")]
-    for ax, (field, title, yscale) in zip(axes, panels):
-        for schedule in table:
-            ax.plot(getattr(schedule, field), marker="o", markersize=2.5, linewidth=1, label=schedule.name)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_yscale(yscale)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout(pad=0.4)
-    return fig

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..utils import randn_tensor
+from ..core.utils import randn_tensor
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps, x0_and_eps
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..utils import randn_tensor
+from ..core.utils import randn_tensor
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps
 
 

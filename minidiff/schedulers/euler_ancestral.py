@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..utils import randn_tensor
+from ..core.utils import randn_tensor
 from .base import SchedulerOutput, spaced_timesteps
 from .euler import EulerDiscreteScheduler, sigmas_at
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..schedulers.ddpm import DDPMScheduler
-from ..unet_2d import UNet2DModel
+from ..models.unet_2d import UNet2DModel
 from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
                      save_state, warmup_lr, write_json)
 from .shapes import to_model_range

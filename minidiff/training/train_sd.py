@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..schedulers.ddpm import DDPMScheduler
-from ..unet_2d_condition import UNet2DConditionModel
-from ..vae import AutoencoderKL
+from ..models.unet_2d_condition import UNet2DConditionModel
+from ..models.vae import AutoencoderKL
 from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
                      save_state, warmup_lr, write_json)
 from .shapes import to_model_range

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..vae import AutoencoderKL
+from ..models.vae import AutoencoderKL
 from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
                      save_state, warmup_lr)
 from .shapes import to_model_range

@@ -13,8 +13,8 @@ import os
 import torch
 from torch import nn
 
-from .config import config_from_dict, config_to_dict, read_json
-from .hub import resolve_file
+from ..core.config import config_from_dict, config_to_dict, read_json
+from ..core.hub import resolve_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model"

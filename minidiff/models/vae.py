@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from ..blocks.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from .modeling import PretrainedModel
 from .unet_2d import UNetMidBlock2D
-from .utils import randn_tensor
+from ..core.utils import randn_tensor
 
 EPS = 1e-6  # the GroupNorm epsilon of every norm in the VAE (fixed in the original code, not in config.json)
 

@@ -3,7 +3,7 @@
 
     x_t (B, C, H, W), t  ->  eps_theta(x_t, t) (B, C, H, W)
 
-The network, top to bottom (all pieces from `minidiff.layers`):
+The network, top to bottom (all pieces from `minidiff.blocks.layers`):
 
 1. t -> sinusoidal embedding -> MLP: `temb` (B, 4 * C0), added inside every ResNet block.
 2. `conv_in`, then the down path: per level `layers_per_block` ResNet blocks (each followed by a
@@ -16,7 +16,7 @@ The network, top to bottom (all pieces from `minidiff.layers`):
 
 Module attribute names equal the keys of diffusers checkpoints (`down_blocks.0.resnets.1.conv1`), so
 `from_pretrained` loads them strictly; checkpoints from before 2023 name the attention weights
-`query/key/value/proj_attn`, which `minidiff.modeling` renames on load.
+`query/key/value/proj_attn`, which `minidiff.models.modeling` renames on load.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from ..blocks.layers import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
 from .modeling import PretrainedModel
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")

@@ -3,7 +3,7 @@
 Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models")
 runs the DDPM UNet (Ho et al. 2020; Ronneberger et al. 2015) on the 4-channel latents of a VAE and
 conditions it on text: after each ResNet block of the `CrossAttn*` levels sits a spatial transformer
-(`transformer_2d.py`) whose cross-attention reads the CLIP text embeddings.
+(`blocks/transformer_2d.py`) whose cross-attention reads the CLIP text embeddings.
 
     sample (B, 4, h, w), timestep t, text (B, 77, 768)
       -> conv_in                                    (B, 320, h, w)
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from ..blocks.layers import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
 from .modeling import PretrainedModel
-from .transformer_2d import SpatialTransformer
+from ..blocks.transformer_2d import SpatialTransformer
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 
-BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")  # minidiff/checkpoints
 BUNDLED_NAMES = ("tiny-ddpm", "tiny-sd")
 
 OFFLINE_HELP = (

@@ -1,0 +1,124 @@
+"""Loading a pipeline folder: its components, each with the class that `model_index.json` names.
+
+A pipeline folder in the hub layout (google/ddpm-cat-256, CompVis/stable-diffusion-v1-4) holds
+`model_index.json`, which names the pipeline class and, for each component, its library and class:
+
+    {"_class_name": "StableDiffusionPipeline",
+     "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+     "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+     "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [...], "feature_extractor": [...]}
+
+Each component lives in the subfolder of its name (`unet/`), or at the root of the folder when that
+subfolder does not exist (google/ddpm-cat-256 is laid out flat). minidiff looks every class name up in
+the explicit tables below and loads the component with that class. The safety checker and its feature
+extractor are not part of minidiff: they are skipped, with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import schedulers
+from ..core.hub import OFFLINE_HELP
+from ..models.unet_2d import UNet2DModel
+from ..models.unet_2d_condition import UNet2DConditionModel
+from ..models.vae import AutoencoderKL
+
+MODEL_INDEX_NAME = "model_index.json"
+
+# Components that diffusers' Stable Diffusion folders name but minidiff does not load.
+NOT_LOADED = ("safety_checker", "feature_extractor")
+
+
+# model_index.json class name -> the minidiff class that loads it. The two transformers classes are
+# imported only when a Stable Diffusion folder is loaded (importing transformers takes seconds).
+MODEL_CLASSES = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "AutoencoderKL": AutoencoderKL,
+}
+TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTokenizer")
+
+# A folder's scheduler `_class_name` -> the minidiff scheduler that reads its scheduler_config.json.
+SCHEDULER_CLASSES = {
+    "DDPMScheduler": schedulers.DDPMScheduler,
+    "DDIMScheduler": schedulers.DDIMScheduler,
+    "DDIMInverseScheduler": schedulers.DDIMInverseScheduler,
+    "PNDMScheduler": schedulers.PNDMScheduler,
+    "EulerDiscreteScheduler": schedulers.EulerDiscreteScheduler,
+    "EulerAncestralDiscreteScheduler": schedulers.EulerAncestralDiscreteScheduler,
+    "DPMSolverMultistepScheduler": schedulers.DPMSolverMultistepScheduler,
+    "UniPCMultistepScheduler": schedulers.UniPCMultistepScheduler,
+}
+
+
+def load_component(folder: str, name: str, library_and_class, torch_dtype, variant, use_safetensors):
+    library, class_name = library_and_class
+    # google/ddpm-cat-256 keeps its UNet and scheduler at the root of the repo, not in unet/ and scheduler/.
+    subfolder = name if os.path.isdir(os.path.join(folder, name)) else None
+    if name == "scheduler":
+        if class_name not in SCHEDULER_CLASSES:
+            raise ValueError(
+                f"{folder}/{MODEL_INDEX_NAME} names the scheduler {class_name!r}; minidiff has "
+                f"{sorted(SCHEDULER_CLASSES)}. Pass scheduler=OneOfThose.from_pretrained(folder, subfolder='scheduler')."
+            )
+        return SCHEDULER_CLASSES[class_name].from_pretrained(folder, subfolder=subfolder)
+
+    if class_name in TRANSFORMERS_CLASSES:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        path = os.path.join(folder, name)
+        if class_name == "CLIPTokenizer":
+            return CLIPTokenizer.from_pretrained(path)
+        return CLIPTextModel.from_pretrained(path, dtype=torch_dtype or torch.float32, variant=variant,
+                                            use_safetensors=use_safetensors).eval()
+    if class_name not in MODEL_CLASSES:
+        raise ValueError(
+            f"{folder}/{MODEL_INDEX_NAME} names {name} = {library}.{class_name}; minidiff can load "
+            f"{sorted([*MODEL_CLASSES, *TRANSFORMERS_CLASSES])}. Pass {name}= yourself."
+        )
+    return MODEL_CLASSES[class_name].from_pretrained(folder, subfolder=subfolder, torch_dtype=torch_dtype,
+                                                     variant=variant, use_safetensors=use_safetensors)
+
+
+def download_components(repo_id, index, names, variant, use_safetensors, cache_dir, local_files_only) -> str:
+    """Download only what `names` need from a hub repo (no safety checker: 1.2 GB saved); return the folder.
+
+    Weights are taken as safetensors where the repo has them, else as the older .bin files.
+    """
+    from huggingface_hub import snapshot_download
+
+    offline = bool(local_files_only) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    suffix = f".{variant}" if variant else ""
+
+    def weight_files(fmt):
+        files = []
+        for name in names:
+            library, _ = index[name]
+            if name in ("scheduler", "tokenizer"):
+                continue
+            base = "model" if library == "transformers" else "diffusion_pytorch_model"
+            files += [f"{name}/{base}{suffix}.{fmt}", f"{base}{suffix}.{fmt}"]  # subfolder, or flat repo root
+        return files
+
+    patterns = [MODEL_INDEX_NAME, "config.json", "scheduler_config.json"]
+    for name in names:
+        patterns += [f"{name}/*.json", f"{name}/*.txt"]  # configs; the tokenizer's vocab and merges
+    first = "bin" if use_safetensors is False else "safetensors"
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns + weight_files(first),
+                                   cache_dir=cache_dir, local_files_only=offline)
+        lacking = [n for n in names if n not in ("scheduler", "tokenizer") and not _has_weights(folder, n, first)]
+        if lacking and use_safetensors is None:  # an older repo with .bin files only
+            folder = snapshot_download(repo_id, allow_patterns=patterns + weight_files("bin"),
+                                       cache_dir=cache_dir, local_files_only=offline)
+    except OSError as e:
+        raise OSError(f"Could not download the pipeline {repo_id} ({type(e).__name__}: {e}). {OFFLINE_HELP}") from e
+    return folder
+
+
+def _has_weights(folder: str, name: str, fmt: str) -> bool:
+    where = os.path.join(folder, name) if os.path.isdir(os.path.join(folder, name)) else folder
+    return any(f.endswith("." + fmt) for f in os.listdir(where))
