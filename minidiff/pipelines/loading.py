@@ -21,6 +21,7 @@ import os
 import torch
 
 from .. import schedulers
+from ..core.compat import transformers_dtype_kwargs
 from ..core.hub import OFFLINE_HELP
 from ..models.unet_2d import UNet2DModel
 from ..models.unet_2d_condition import UNet2DConditionModel
@@ -72,8 +73,8 @@ def load_component(folder: str, name: str, library_and_class, torch_dtype, varia
         path = os.path.join(folder, name)
         if class_name == "CLIPTokenizer":
             return CLIPTokenizer.from_pretrained(path)
-        return CLIPTextModel.from_pretrained(path, dtype=torch_dtype or torch.float32, variant=variant,
-                                            use_safetensors=use_safetensors).eval()
+        dtype = transformers_dtype_kwargs(torch_dtype or torch.float32)  # dtype= or torch_dtype=, by version
+        return CLIPTextModel.from_pretrained(path, **dtype, variant=variant, use_safetensors=use_safetensors).eval()
     if class_name not in MODEL_CLASSES:
         raise ValueError(
             f"{folder}/{MODEL_INDEX_NAME} names {name} = {library}.{class_name}; minidiff can load "

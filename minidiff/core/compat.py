@@ -1,0 +1,21 @@
+"""What differs between the dependency versions that pyproject.toml allows (its floors up to today's), written once.
+
+The floors are run in CI (`.ci/run`, second job) and checked by tests/test_dependency_floors.py.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import torch
+
+# transformers 4.56 renamed from_pretrained's `torch_dtype=` to `dtype=`. 4.55 and older do not know `dtype=`:
+# it ends up in the model's config, and the load fails writing that config as JSON; 4.56 and later (5.x
+# included) still take `torch_dtype=`, but warn that it is deprecated in every notebook that loads SD.
+DTYPE_KEYWORD_SINCE = (4, 56)
+
+
+def transformers_dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The dtype keyword of transformers' `from_pretrained` for the installed version: {"dtype": d} or {"torch_dtype": d}."""
+    major, minor = (int(part) for part in version("transformers").split(".")[:2])  # "4.56.0.dev0" -> 4, 56
+    return {"dtype": dtype} if (major, minor) >= DTYPE_KEYWORD_SINCE else {"torch_dtype": dtype}
