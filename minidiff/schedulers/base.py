@@ -142,13 +142,6 @@ def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t) -
     return x0_and_eps(prediction_type, model_output, sample, alpha_bar_t)[0]
 
 
-def vp_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """α_t = sqrt(ᾱ_t), σ_t = sqrt(1 - ᾱ_t) and the log-SNR λ_t = log α_t - log σ_t (Lu et al. 2022, sec. 2),
-    the variables of the multistep solvers (DPM-Solver++, UniPC). All (T,)."""
-    alpha_t = torch.sqrt(alpha_bar)
-    sigma_t = torch.sqrt(1 - alpha_bar)
-    return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
-
 class SchedulerBase:
     """Base of minidiff's schedulers. A subclass defines a frozen dataclass `Config` and its methods."""
 

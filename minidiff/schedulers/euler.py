@@ -27,35 +27,7 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps
-
-
-def train_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) for t = 0..T-1, ascending, float32, shape (T,)."""
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-
-
-def sigmas_at(timesteps: np.ndarray, alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """σ at fractional timesteps, linearly interpolated between the training σ_t (numpy, as diffusers)."""
-    sigmas = train_sigmas(alphas_cumprod).numpy()
-    return np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-
-
-def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """The fractional training timestep whose σ_t is `sigma`: linear interpolation in log σ (as k-diffusion)."""
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]                         # (T, n)
-    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ, i = 0..n-1, with ρ = 7."""
-    ramp = np.linspace(0, 1, n)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+from .sigmas import karras_sigmas, sigma_to_t, sigmas_at, train_sigmas
 
 
 @dataclass(frozen=True)

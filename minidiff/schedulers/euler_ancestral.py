@@ -26,7 +26,8 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import SchedulerOutput, spaced_timesteps
-from .euler import EulerDiscreteScheduler, sigmas_at
+from .euler import EulerDiscreteScheduler
+from .sigmas import sigmas_at
 
 
 @dataclass(frozen=True)

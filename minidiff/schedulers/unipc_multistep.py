@@ -37,9 +37,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .base import SchedulerBase, SchedulerOutput, given_values, vp_coefficients
-from .dpmsolver_multistep import (add_noise_at_schedule, alpha_sigma_from, check_distinct_noise_levels, karras_sigmas,
-                                  multistep_timesteps, next_step_index, sigma_to_t)
+from .base import SchedulerOutput, given_values
+from .multistep import MultistepScheduler, multistep_timesteps
+from .sigmas import alpha_sigma_lambda, karras_sigmas, sigma_to_t, train_sigmas
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,12 @@ class UniPCMultistepSchedulerConfig:
                              f"{list(self.disable_corrector)!r}.")
 
 
-class UniPCMultistepScheduler(SchedulerBase):
+class UniPCMultistepScheduler(MultistepScheduler):
     """UniPC-p with B(h) (bh1 / bh2). `timesteps`: LongTensor, descending; `sigmas`: (n + 1,) float32.
-    One model evaluation per step: the corrector reuses the evaluation that starts the next step."""
+    One model evaluation per step: the corrector reuses the evaluation that starts the next step. The history
+    (`model_outputs`, `timestep_list`, `lower_order_nums`) and `add_noise` are MultistepScheduler's (multistep.py)."""
 
     Config = UniPCMultistepSchedulerConfig
-    order = 1
 
     @classmethod
     def from_config(cls, config, **overrides):
@@ -118,59 +118,37 @@ class UniPCMultistepScheduler(SchedulerBase):
             values["solver_type"] = "bh2"
         return super().from_config(values, **overrides)
 
-    def setup(self) -> None:
-        super().setup()
-        # α_t, σ_t and λ_t of every training timestep (variance preserving: α_t² + σ_t² = 1)
-        self.alpha_t, self.sigma_t, self.lambda_t = vp_coefficients(self.alphas_cumprod)
-        self.sigmas = None
-        self.reset_history()
-
     def reset_history(self) -> None:
         """Forget the previous sampling loop: past model outputs and the sample the corrector refits from."""
-        self.model_outputs = [None] * self.config.solver_order  # x_θ at the last steps, oldest first
-        self.timestep_list = [None] * self.config.solver_order  # the timesteps they were made at
-        self.lower_order_nums = 0   # steps taken so far, up to solver_order: the first steps lack history
+        super().reset_history()
         self.last_sample = None     # x at the start of the last predictor step, for the corrector
         self.this_order = None      # the order of the last predictor step; the corrector uses the same p
-        self.step_index = None      # the index in `timesteps` of the next step
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Choose the n steps of the schedule and their noise levels; resets the history."""
         self.check_num_inference_steps(num_inference_steps)
         self.num_inference_steps = num_inference_steps
         c, T = self.config, self.config.num_train_timesteps
-        train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()   # (T,), ascending in t
+        sigma_train = train_sigmas(self.alphas_cumprod).numpy()   # (T,), ascending in t
 
         if c.use_karras_sigmas:
             # n Karras noise levels (EDM eq. 5) and the training timesteps nearest them
-            sigma_min = c.sigma_min if c.sigma_min is not None else train_sigmas[0].item()
-            sigma_max = c.sigma_max if c.sigma_max is not None else train_sigmas[-1].item()
+            sigma_min = c.sigma_min if c.sigma_min is not None else sigma_train[0].item()
+            sigma_max = c.sigma_max if c.sigma_max is not None else sigma_train[-1].item()
             sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas)).round().astype(np.int64)
+            timesteps = sigma_to_t(sigmas, np.log(sigma_train)).round().astype(np.int64)
             sigma_last = 0.0 if c.final_sigmas_type == "zero" else sigmas[-1]
         else:
             # n evenly spaced timesteps and their noise levels
             timesteps = multistep_timesteps(T, num_inference_steps, c.timestep_spacing, c.steps_offset)
             self.check_integer_timesteps(torch.from_numpy(timesteps))
-            sigmas = train_sigmas[timesteps]
-            sigma_last = 0.0 if c.final_sigmas_type == "zero" else train_sigmas[0]
+            sigmas = sigma_train[timesteps]
+            sigma_last = 0.0 if c.final_sigmas_type == "zero" else sigma_train[0]
 
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))   # (n + 1,)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)            # (n,)
-        check_distinct_noise_levels(self.sigmas, self.timesteps, c.timestep_spacing)
+        self.install_schedule(timesteps, sigmas, sigma_last, device)
         # On the timesteps' device, so that step()'s scalar arithmetic runs there: a copy from the CPU to the
         # GPU at every step would wait for the GPU to finish its queue (a sync) each time.
         self.sigmas = self.sigmas.to(device)
-        self.reset_history()
-
-    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        """The data prediction x_θ(x_t, t) (predict_x0=True), from any parametrisation."""
-        alpha_t, sigma_t = alpha_sigma_from(self.sigmas[i])
-        if self.config.prediction_type == "epsilon":    # x_t = α_t x_0 + σ_t ε
-            return (sample - sigma_t * model_output) / alpha_t
-        if self.config.prediction_type == "sample":
-            return model_output
-        return alpha_t * sample - sigma_t * model_output  # "v_prediction": v = α_t ε - σ_t x_0 (Salimans & Ho 2022)
 
     def order_conditions(self, h: torch.Tensor, rks: torch.Tensor, order: int):
         """The linear system R ρ = b of UniPC's order conditions, and e^{hh} - 1 and B(h); hh = -h.
@@ -195,8 +173,7 @@ class UniPCMultistepScheduler(SchedulerBase):
         rks, D1s = [], []
         m0 = self.model_outputs[-1]
         for k in range(1, order):
-            alpha_sk, sigma_sk = alpha_sigma_from(self.sigmas[i_s0 - k].to(device))
-            lambda_sk = torch.log(alpha_sk) - torch.log(sigma_sk)
+            _, _, lambda_sk = alpha_sigma_lambda(self.sigmas[i_s0 - k].to(device))
             rk = (lambda_sk - lambda_s0) / h
             rks.append(rk)
             D1s.append((self.model_outputs[-(k + 1)] - m0) / rk)
@@ -206,10 +183,8 @@ class UniPCMultistepScheduler(SchedulerBase):
     def predictor(self, sample: torch.Tensor, i: int, order: int) -> torch.Tensor:
         """UniP-p (sec. 3.2): x at s0 = t_i -> x at t = t_{i+1}, from x_θ at the last `order` steps."""
         device = sample.device
-        alpha_t, sigma_t = alpha_sigma_from(self.sigmas[i + 1].to(device))
-        alpha_s0, sigma_s0 = alpha_sigma_from(self.sigmas[i].to(device))
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i + 1].to(device))
+        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(self.sigmas[i].to(device))
         h = lambda_t - lambda_s0
 
         rks, D1s = self.differences(i, h, lambda_s0, order, device)
@@ -230,10 +205,8 @@ class UniPCMultistepScheduler(SchedulerBase):
         """UniC-p (sec. 3.1): redo the last step s0 = t_{i-1} -> t = t_i from `last_sample`, now also using
         x_θ at t itself (`x0_pred_t`, with r = 1), which the next step needs anyway."""
         device = last_sample.device
-        alpha_t, sigma_t = alpha_sigma_from(self.sigmas[i].to(device))
-        alpha_s0, sigma_s0 = alpha_sigma_from(self.sigmas[i - 1].to(device))
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i].to(device))
+        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(self.sigmas[i - 1].to(device))
         h = lambda_t - lambda_s0
 
         rks, D1s = self.differences(i - 1, h, lambda_s0, order, device)   # history still ends at s0
@@ -257,8 +230,7 @@ class UniPCMultistepScheduler(SchedulerBase):
         """x_{t_i} -> x_{t_{i+1}}. model_output, sample: (B, C, H, W); timestep: the next of `self.timesteps`.
         `generator` is accepted for a uniform loop; this ODE solver draws no noise."""
         # 1. which step this is, and the data prediction at the current x
-        i = next_step_index(self, timestep)
-        n = len(self.timesteps)
+        i = self.next_step_index(timestep)
         x0_pred = self.convert_model_output(model_output, sample, i)
 
         # 2. UniC: correct the current x, the result of the last predictor step, with this new x_θ
@@ -267,27 +239,16 @@ class UniPCMultistepScheduler(SchedulerBase):
             sample = self.corrector(x0_pred, self.last_sample, i, self.this_order)
 
         # 3. push x_θ onto the history (oldest entry drops out)
-        self.model_outputs = self.model_outputs[1:] + [x0_pred]
-        self.timestep_list = self.timestep_list[1:] + [timestep]
+        self.remember(x0_pred, timestep)
 
         # 4. the predictor's order: limited by the history so far (warm-up), by the steps left when
         #    lower_order_final is set, and 1 on a last step to σ = 0 (λ = ∞ there: only order 1 is defined)
-        order = self.config.solver_order
-        if self.config.lower_order_final:
-            order = min(order, n - i)
-        if i == n - 1 and self.config.final_sigmas_type == "zero":
-            order = 1
-        self.this_order = min(order, self.lower_order_nums + 1)
+        self.this_order = self.step_order(i, lower_order_final=self.config.lower_order_final,
+                                          first_order_at_last=self.config.final_sigmas_type == "zero")
 
         # 5. UniP: predict x at the next timestep
         self.last_sample = sample
         prev_sample = self.predictor(sample, i, self.this_order)
 
-        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
-        self.step_index = i + 1
+        self.finish_step(i)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = α_t x_0 + σ_t ε. After set_timesteps, a t of the schedule gets exactly the noise level σ_i that
-        step() assumes there (with Karras sigmas that is not ᾱ of the rounded t); else ᾱ_t of training."""
-        return add_noise_at_schedule(self, original_samples, noise, timesteps)
