@@ -328,7 +328,7 @@ def test_bad_img2img_arguments(sd):
     pipe.set_progress_bar_config(disable=True)
     image = torch.rand(3, 64, 64)
     for strength in (-0.1, 1.5):
-        with pytest.raises(ValueError, match="strength must be a number in \\[0, 1\\]"):
+        with pytest.raises(ValueError, match="strength must be a number in \\(0, 1\\]"):
             pipe("a cat", image=image, strength=strength)
     with pytest.raises(ValueError, match="runs no step"):
         pipe("a cat", image=image, strength=0.1, num_inference_steps=5)

@@ -6,10 +6,15 @@ A name is resolved in this order:
 3. a hub repo id (`"google/ddpm-cat-256"`), fetched with `huggingface_hub` into the standard HF cache.
    Only the files that are needed are downloaded; `HF_HUB_OFFLINE=1` or `local_files_only=True` use
    the cache alone.
+
+A name that looks like a local path (`"./my-modle"`, `"runs/unet/final"`, `"outputs/unet"` where `outputs/`
+exists) or like a bundled name with a typo (`"tiny_sd"`) is never sent to the hub: a failed hub lookup
+retries for about 30 s before it gives up, and its error would talk about the network, not the typo.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 
@@ -36,9 +41,43 @@ def bundled_path(name: str) -> str | None:
     return None
 
 
+def is_offline(local_files_only: bool | None = None) -> bool:
+    """True when the hub must not be asked: local_files_only=True or HF_HUB_OFFLINE=1 (as huggingface_hub reads it)."""
+    return bool(local_files_only) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def _is_repo_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def not_found_message(name: str) -> str | None:
+    """Why `name` (no existing folder, no bundled name) is not sent to the hub, or None when it may be a repo id.
+
+    A local-looking path: it starts with ./ ../ / ~, has two or more separators, or its first part is an
+    existing folder ("outputs/unet" beside an outputs/ folder). A name without "/" cannot be a repo id.
+    """
+    head = name.split("/")[0]
+    local = (name.startswith((".", "/", "~")) or name.count("/") >= 2 or os.sep != "/" and os.sep in name
+             or ("/" in name and os.path.isdir(head)))
+    if _is_repo_id(name) and not local:
+        return None
+    message = (f"{name!r} is neither an existing folder, a bundled checkpoint {list(BUNDLED_NAMES)}, nor a hub repo "
+               "id of the form 'owner/name'")
+    close = difflib.get_close_matches(name.lower().replace("_", "-"), BUNDLED_NAMES, n=1, cutoff=0.75)
+    if close:
+        return f"{message}. Did you mean the bundled checkpoint {close[0]!r}?"
+    if not local:
+        return f"{message}. Check the spelling of the folder, or pass a hub id like 'google/ddpm-cat-256'."
+    # The deepest parent folder that exists, and what it holds, points at the typo.
+    path = os.path.abspath(os.path.expanduser(name))
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    entries = sorted(os.listdir(parent))
+    shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} in all)" if len(entries) > 20 else "")
+    return (f"{message}: it looks like a local path, so it was not looked up on the hub. There is no {path}; its "
+            f"closest existing parent {parent} holds [{shown}]. Check the path.")
 
 
 def resolve_file(
@@ -74,11 +113,9 @@ def resolve_file(
             "Is this the right folder (or subfolder=) for this model?"
         )
 
-    if not _is_repo_id(name_or_path):
-        raise FileNotFoundError(
-            f"{name_or_path!r} is neither an existing folder, a bundled checkpoint {list(BUNDLED_NAMES)}, "
-            "nor a hub repo id of the form 'owner/name'."
-        )
+    message = not_found_message(name_or_path)
+    if message is not None:
+        raise FileNotFoundError(message)
     return _hub_download(name_or_path, filename, subfolder, cache_dir, local_files_only, required)
 
 
@@ -97,7 +134,7 @@ def _hub_download(repo_id, filename, subfolder, cache_dir, local_files_only, req
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = bool(local_files_only) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = is_offline(local_files_only)
     where = f"{repo_id}/{subfolder + '/' if subfolder else ''}{filename}"
     not_local = f"There is no local folder {repo_id!r}, so it was looked up as a hub repo id. "
     try:

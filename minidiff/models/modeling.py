@@ -29,6 +29,21 @@ LEGACY_ATTENTION_NAMES = {
 }
 
 
+# torch_dtype may also be given by name, as transformers accepts it. (diffusers 0.42 warns on a string and loads
+# float32 instead, a silent fallback that minidiff does not copy.)
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_torch_dtype(torch_dtype) -> torch.dtype | None:
+    """None, a floating torch.dtype, or its name ("float16", "torch.float16") -> None or the torch.dtype."""
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point:
+        return torch_dtype
+    if isinstance(torch_dtype, str) and torch_dtype.removeprefix("torch.") in DTYPE_NAMES:
+        return DTYPE_NAMES[torch_dtype.removeprefix("torch.")]
+    raise TypeError(f"torch_dtype must be a floating torch.dtype (torch.float16) or one of the names "
+                    f"{list(DTYPE_NAMES)}; found {torch_dtype!r}.")
+
+
 def rename_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map pre-2023 attention names (`attentions.0.query.weight`) to today's (`attentions.0.to_q.weight`)."""
     renamed = {}
@@ -116,6 +131,7 @@ class PretrainedModel(nn.Module):
         local_files_only: bool | None = None,
     ):
         """Load a checkpoint folder / bundled name / hub repo id, strictly, in eval mode."""
+        torch_dtype = as_torch_dtype(torch_dtype)   # before any file is read
         find = dict(subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only)
         config_path = resolve_file(path_or_repo_id, CONFIG_NAME, **find)
         raw = read_json(config_path)

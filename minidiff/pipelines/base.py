@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 
 from ..blocks.layers import Attention
 from ..core.config import read_json
-from ..core.hub import bundled_path, resolve_file
+from ..core.hub import OFFLINE_HELP, bundled_path, is_offline, resolve_file
+from ..models.modeling import as_torch_dtype
 from ..models.vae import AutoencoderKL
+from .checks import FiniteWatch
 from .loading import MODEL_INDEX_NAME, NOT_LOADED, download_components, load_component
 from .outputs import record_step
 
@@ -38,10 +40,14 @@ class DiffusionPipeline:
     class that the folder's `model_index.json` names."""
 
     component_names: tuple[str, ...] = ()
+    # The model_index.json class a component must have, where another one would load but fail at the first
+    # call (DDPMPipeline.from_pretrained of a Stable Diffusion folder: its unet is a UNet2DConditionModel).
+    component_classes: dict[str, str] = {}
 
     def __init__(self):
         self._progress_bar_config = {}
         self._offload_device = None   # set by enable_model_cpu_offload()
+        self._finite_watch = None     # set at step 0 of every sampling loop by record_step()
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -60,8 +66,18 @@ class DiffusionPipeline:
         `components` replaces a component instead of loading it (`scheduler=my_scheduler`);
         `safety_checker=None` and `feature_extractor=None` are accepted as in diffusers.
         """
+        torch_dtype = as_torch_dtype(torch_dtype)   # before any file is read
         find = dict(cache_dir=cache_dir, local_files_only=local_files_only)
         index_path = resolve_file(path_or_repo_id, MODEL_INDEX_NAME, required=False, **find)
+        local = os.path.isdir(path_or_repo_id) or bundled_path(path_or_repo_id) is not None
+        if index_path is None and not local and is_offline(local_files_only):
+            # Offline, a file missing from the cache and a file missing from the repo look the same.
+            raise OSError(
+                f"There is no local folder {path_or_repo_id!r}, so it was looked up as a hub repo id, but this runs "
+                f"offline (HF_HUB_OFFLINE=1 or local_files_only=True) and the cache"
+                f"{' ' + cache_dir if cache_dir else ''} holds no {MODEL_INDEX_NAME} of {path_or_repo_id}: the "
+                f"repo was never downloaded here (or is not a pipeline). {OFFLINE_HELP}"
+            )
         if index_path is None:
             raise FileNotFoundError(
                 f"Expected a {MODEL_INDEX_NAME} in {path_or_repo_id}, found none: this is not a pipeline "
@@ -84,8 +100,9 @@ class DiffusionPipeline:
                 f"(found {sorted(k for k in index if not k.startswith('_'))}). Pass them as keyword arguments."
             )
         to_load = [n for n in pipeline_cls.component_names if n not in components]
+        pipeline_cls.check_component_classes(index, index_path, to_load)
         folder = os.path.dirname(index_path)
-        if not os.path.isdir(path_or_repo_id) and bundled_path(path_or_repo_id) is None:
+        if not local:
             folder = download_components(path_or_repo_id, index, to_load, variant, use_safetensors, **find)
 
         parts = dict(components)
@@ -118,7 +135,42 @@ class DiffusionPipeline:
             )
         return known[name]
 
-    # --- device, dtype, progress bar -------------------------------------------------------------
+    @classmethod
+    def check_component_classes(cls, index: dict, index_path: str, names: list[str]) -> None:
+        """Refuse a folder whose components this class cannot run, before anything is loaded."""
+        for name in names:
+            expected = cls.component_classes.get(name)
+            found = index[name][1] if isinstance(index[name], (list, tuple)) and len(index[name]) == 2 else None
+            if expected is not None and found != expected:
+                folder_class = index.get("_class_name", "another pipeline")
+                raise ValueError(
+                    f"{index_path} is a {folder_class} folder: its {name} is a {found}, but {cls.__name__} needs a "
+                    f"{expected}. Load it with minidiff.{folder_class}.from_pretrained (or "
+                    "minidiff.DiffusionPipeline.from_pretrained, which picks the folder's class), or pick a folder "
+                    f"made for {cls.__name__}."
+                )
+
+    # --- components ------------------------------------------------------------------------------
+    @property
+    def scheduler(self):
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        # A property, so that `pipe.scheduler = DDIMScheduler` (the class) fails here, not at the first call
+        # with "set_timesteps() missing 1 required positional argument".
+        if isinstance(scheduler, type):
+            raise TypeError(
+                f"scheduler must be a scheduler instance; found the class {scheduler.__name__} itself. Pass an "
+                f"instance, e.g. {scheduler.__name__}.from_config(pipe.scheduler.config)."
+            )
+        if not (callable(getattr(scheduler, "set_timesteps", None)) and callable(getattr(scheduler, "step", None))):
+            raise TypeError(
+                f"scheduler must be a scheduler with set_timesteps() and step(), e.g. "
+                f"minidiff.DDIMScheduler.from_config(pipe.scheduler.config); found {type(scheduler).__name__}."
+            )
+        self._scheduler = scheduler
+
     @property
     def components(self) -> dict:
         """{name: component}, so that `OtherPipeline(**pipe.components)` shares the loaded models."""
@@ -251,7 +303,18 @@ class DiffusionPipeline:
                 other.to("cpu")
         model.to(self._offload_device)
 
-    # --- per-step visibility ---------------------------------------------------------------------
+    # --- per-step visibility and the non-finite check ----------------------------------------------
     def record_step(self, i, t, sample, model_output, step_output, callback, intermediates) -> None:
-        """Hand step i to `callback(i, t, latents, x0)` and store it in `intermediates` (see outputs.py)."""
+        """Check step i for NaN / inf (see checks.FiniteWatch), then hand it to `callback(i, t, latents, x0)` and
+        store it in `intermediates` (see outputs.py). Every sampling loop calls this after each step."""
+        if i == 0 or getattr(self, "_finite_watch", None) is None:   # a new loop
+            self._finite_watch = FiniteWatch(sample.device)
+            self._finite_watch.check(sample, i, t, "start")
+        self._finite_watch.check(model_output, i, t, "unet")
+        self._finite_watch.check(step_output.prev_sample, i, t, "scheduler")
         record_step(self.scheduler, i, t, sample, model_output, step_output, callback, intermediates)
+
+    def check_steps_finite(self) -> None:
+        """After a sampling loop: raise for the first non-finite step, where the checks waited (on a GPU)."""
+        if getattr(self, "_finite_watch", None) is not None:
+            self._finite_watch.raise_if_any()

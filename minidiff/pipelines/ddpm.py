@@ -11,6 +11,7 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import DiffusionPipeline
+from .checks import check_count, check_steps
 from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 
 
@@ -18,6 +19,7 @@ class DDPMPipeline(DiffusionPipeline):
     """Noise -> image with a `UNet2DModel` (e.g. google/ddpm-cat-256). `pipe().images[0]`."""
 
     component_names = ("unet", "scheduler")
+    component_classes = {"unet": "UNet2DModel"}
 
     def __init__(self, unet, scheduler):
         super().__init__()
@@ -35,6 +37,12 @@ class DDPMPipeline(DiffusionPipeline):
         return_intermediates: bool = False,
     ) -> ImagePipelineOutput:
         """`generator`: one torch.Generator or one per image. `callback(i, t, x_t, x0)` runs after every step i."""
+        if isinstance(batch_size, str):   # pipe("a cat"): the first argument of this pipeline is the image count
+            raise TypeError(f"DDPMPipeline is unconditional: it takes no prompt, and its first argument is batch_size "
+                            f"(the number of images); found the string {batch_size!r}. For text-to-image use "
+                            "minidiff.StableDiffusionPipeline.")
+        check_count(batch_size, "batch_size", "images")
+        check_steps(num_inference_steps)
         check_output_type(output_type, ("pil", "np", "pt"))
         check_generator(generator, batch_size)
         self.warn_if_slow()
@@ -54,6 +62,7 @@ class DDPMPipeline(DiffusionPipeline):
             out = self.scheduler.step(eps, t, image, generator=generator)
             self.record_step(i, t, image, eps, out, callback, intermediates)
             image = out.prev_sample
+        self.check_steps_finite()
 
         # 3. [-1, 1] -> [0, 1] -> PIL / numpy / tensor.
         return ImagePipelineOutput(images=postprocess(image, output_type), intermediates=intermediates)

@@ -18,6 +18,7 @@ import PIL.Image
 import torch
 
 from ..core.utils import randn_tensor
+from .checks import check_count, check_finite, check_guidance_scale, check_steps, check_strength
 from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from .stable_diffusion import StableDiffusionPipeline
 from .text import as_prompt_list, prompt_embeddings
@@ -47,9 +48,10 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         """
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
-        if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise ValueError(f"strength must be a number in [0, 1] (the fraction of the steps to run); "
-                             f"found {strength!r}.")
+        check_strength(strength)
+        check_steps(num_inference_steps)
+        check_guidance_scale(guidance_scale)
+        check_count(num_images_per_prompt, "num_images_per_prompt", "images per prompt")
         check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
         check_generator(generator, batch_size)
@@ -114,6 +116,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             if image.ndim != 4 or image.shape[1] != 3 or image.shape[2] % f or image.shape[3] % f:
                 raise ValueError(f"A tensor image must be (B, 3, H, W) or (3, H, W) with H and W multiples of {f}; "
                                  f"found shape {tuple(image.shape)}.")
+            # Before the range check: NaN compares False with everything, so it would pass it.
+            check_finite(image, "The image tensor", "Check how it was made (a division by zero when normalising?).")
             if image.min() < 0 or image.max() > 1:
                 raise ValueError(f"A tensor image must hold values in [0, 1]; found [{image.min().item():.3g}, "
                                  f"{image.max().item():.3g}]. For a tensor in [-1, 1], pass (image + 1) / 2.")

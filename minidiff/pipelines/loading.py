@@ -22,7 +22,7 @@ import torch
 
 from .. import schedulers
 from ..core.compat import transformers_dtype_kwargs
-from ..core.hub import OFFLINE_HELP
+from ..core.hub import OFFLINE_HELP, is_offline
 from ..models.unet_2d import UNet2DModel
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
@@ -91,7 +91,7 @@ def download_components(repo_id, index, names, variant, use_safetensors, cache_d
     """
     from huggingface_hub import snapshot_download
 
-    offline = bool(local_files_only) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = is_offline(local_files_only)
     suffix = f".{variant}" if variant else ""
 
     def weight_files(fmt):

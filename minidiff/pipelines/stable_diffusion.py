@@ -12,10 +12,13 @@ Diffusion runs in the latent space of a VAE: a 512x512 image is a (4, 64, 64) la
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..core.utils import randn_tensor
 from .base import DiffusionPipeline
+from .checks import check_count, check_decoded, check_guidance_scale, check_latents, check_steps
 from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from .text import as_prompt_list, classifier_free_guidance, prompt_embeddings
 
@@ -24,9 +27,18 @@ class StableDiffusionPipeline(DiffusionPipeline):
     """Text -> image. `pipe(prompt).images[0]`; `return_intermediates=True` keeps every step's latents."""
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    component_classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker: bool = False, image_encoder=None):
+        """The last four are accepted so that diffusers' way of building a pipeline works unchanged
+        (`..., safety_checker=None, feature_extractor=None, requires_safety_checker=False`). minidiff runs no
+        safety checker: no NSFW filter is applied to the images."""
         super().__init__()
+        if safety_checker is not None or image_encoder is not None:
+            warnings.warn(f"{type(self).__name__} got a {'safety_checker' if safety_checker is not None else 'image_encoder'}"
+                          ": minidiff does not run it (no NSFW filter is applied to the images; IP-Adapter image "
+                          "prompts are not implemented). Pass None to silence this warning.", stacklevel=2)
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -63,7 +75,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
         batch_size = len(prompts) * num_images_per_prompt
-        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
+        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
+                                               num_inference_steps, guidance_scale)
         self.warn_if_slow()
         device = self.device
         guidance = guidance_scale > 1.0
@@ -87,23 +100,29 @@ class StableDiffusionPipeline(DiffusionPipeline):
         images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
         return ImagePipelineOutput(images=images, intermediates=intermediates)
 
-    def check_inputs(self, batch_size: int, height, width, output_type: str, generator, latents):
+    def check_inputs(self, batch_size: int, height, width, output_type: str, generator, latents,
+                     num_inference_steps=None, guidance_scale=None):
         """Step 0 of text-to-image and of most controlled pipelines -> (height, width, latent_shape), or a clear error.
 
-        height and width default to the UNet's sample_size in pixels; latent_shape is (B, 4, H/8, W/8).
+        batch_size = prompts x num_images_per_prompt. height and width default to the UNet's sample_size in pixels;
+        latent_shape is (B, 4, H/8, W/8). num_inference_steps and guidance_scale are checked when given.
         """
+        check_count(batch_size, "num_images_per_prompt (times the number of prompts)", "images to make")
+        if num_inference_steps is not None:
+            check_steps(num_inference_steps)
+        if guidance_scale is not None:
+            check_guidance_scale(guidance_scale)
         size = self.unet.config.sample_size  # in latents: 64 for SD v1, so 64 * 8 = 512 pixels
         size_h, size_w = (size, size) if isinstance(size, int) else size
-        height = height or size_h * self.vae_scale_factor
-        width = width or size_w * self.vae_scale_factor
+        height = size_h * self.vae_scale_factor if height is None else height   # 0 is an error, not the default
+        width = size_w * self.vae_scale_factor if width is None else width
         self.check_size(height, width)
         check_output_type(output_type)
         check_generator(generator, batch_size)
         latent_shape = (batch_size, self.unet.config.in_channels,
                         height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} for {batch_size} images of {height}x{width}; "
-                             f"found {tuple(latents.shape)}.")
+        if latents is not None:
+            check_latents(latents, latent_shape, f"{batch_size} images of {height}x{width}")
         return height, width, latent_shape
 
     def check_size(self, height, width) -> None:
@@ -123,7 +142,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         """
         if latents is None:
             latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=dtype)
-        return latents.to(self.device) * self.scheduler.init_noise_sigma
+        # Given latents in another float dtype (float64 from numpy) or on another device are cast, as images are.
+        return latents.to(device=self.device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     def denoise(self, latents, timesteps, text, guidance_scale, generator, callback=None, intermediates=None):
         """Step 4, shared with image-to-image: z_{t_1} -> z_0 along `timesteps`. latents: (B, 4, h, w)."""
@@ -132,6 +152,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
             out = self.scheduler.step(eps, t, latents, generator=generator)
             self.record_step(i, t, latents, eps, out, callback, intermediates)
             latents = out.prev_sample
+        self.check_steps_finite()
         return latents
 
     def guided_eps(self, latents, t, text, guidance_scale: float, scheduler=None) -> torch.Tensor:
@@ -167,5 +188,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return self.vae.config.scaling_factor * z0
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, 4, h, w) latents -> (B, 3, 8h, 8w) images in [-1, 1]; undoes the 0.18215 scaling first."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        """(B, 4, h, w) latents -> (B, 3, 8h, 8w) images in [-1, 1]; undoes the 0.18215 scaling first.
+
+        Raises for the first non-finite sampling step or, if the steps were finite, a non-finite image."""
+        self.check_steps_finite()
+        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        check_decoded(image, latents)
+        return image

@@ -45,7 +45,14 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 def encode_text(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
     """Prompts -> CLIP's last hidden state: (B, 77, D), D = 768 for SD v1."""
     ids = tokenize(tokenizer, prompts).to(device)                   # (B, 77)
-    return text_encoder(ids)[0]                                     # last_hidden_state: (B, 77, D)
+    text = text_encoder(ids)[0]                                     # last_hidden_state: (B, 77, D)
+    # Checked once here (one host sync), because a NaN in the text spreads to every latent at the first step.
+    if not torch.isfinite(text).all():
+        raise FloatingPointError(
+            "The text encoder's output (the prompt embeddings) holds non-finite values (NaN or inf); the image would "
+            "be all black. Expected finite embeddings. Likely cause: a NaN or inf weight in the text encoder, or "
+            "float16 overflow: run it in torch.float32 or torch.bfloat16 (pipe.text_encoder.to(torch.float32)).")
+    return text
 
 
 def prompt_embeddings(tokenizer, text_encoder, prompts: list[str], negative_prompt, num_images_per_prompt: int,
@@ -58,6 +65,10 @@ def prompt_embeddings(tokenizer, text_encoder, prompts: list[str], negative_prom
     cond = encode_text(tokenizer, text_encoder, prompts, device)       # (P, 77, D)
     cond = cond.repeat_interleave(num_images_per_prompt, dim=0)      # (B, 77, D): p0, p0, p1, p1, ...
     if not guidance:
+        if negative_prompt is not None:
+            warnings.warn(f"negative_prompt={negative_prompt!r} is not used: guidance_scale <= 1 turns classifier-free "
+                          "guidance off, and the negative prompt acts only through it. Raise guidance_scale above 1 "
+                          "(7.5 is usual) or drop negative_prompt.", stacklevel=3)
         return cond
     if negative_prompt is None:
         negatives = [""] * len(prompts)                              # the unconditional prompt ∅
