@@ -39,31 +39,41 @@ print("MINIDIFF_PEAK_MEMORY", _json.dumps({"allocated": _torch.cuda.max_memory_a
 """
 
 
-def run_notebook(path: Path, out_path: Path | None = None, timeout: int = 1200) -> dict:
-    """Execute one notebook in a fresh kernel; returns seconds, peak GPU memory (GiB) and the error, if any."""
+def run_cells(nb: nbformat.NotebookNode, timeout: int = 1200) -> dict:
+    """Execute a notebook held in memory in a fresh `python3` kernel, in the notebooks folder, filling in its
+    outputs and execution counts (its sources are not touched); stops at the first failing cell.
+    Returns seconds, peak GPU memory (GiB) and the error, if any."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PEAK_CELL.strip()))
     error = None
     start = time.perf_counter()
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+        # no timing metadata and no widget state in the notebook: both change at every run (see execute.py)
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False, store_widget_state=False,
+                       resources={"metadata": {"path": str(HERE)}}).execute()
     except CellExecutionError as e:
         error = str(e).strip().splitlines()[-1][:300]
     seconds = time.perf_counter() - start
     peak = {"allocated": 0, "reserved": 0}
-    for output in nb.cells[-1].get("outputs", []):
+    for output in nb.cells.pop().get("outputs", []):
         text = output.get("text", "")
         if "MINIDIFF_PEAK_MEMORY" in text:
             peak = json.loads(text.split("MINIDIFF_PEAK_MEMORY", 1)[1])
-    if out_path is not None:
-        nb.cells.pop()
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(nb, out_path)
     return {"seconds": round(seconds, 1), "peak_allocated_gib": round(peak["allocated"] / 2**30, 2),
             "peak_reserved_gib": round(peak["reserved"] / 2**30, 2), "error": error}
+
+
+def run_notebook(path: Path, out_path: Path | None = None, timeout: int = 1200) -> dict:
+    """Execute one notebook in a fresh kernel, writing the executed copy to `out_path` if given; returns what
+    `run_cells` returns. (To execute a committed notebook in place, use execute.py: it also normalises it.)"""
+    nb = nbformat.read(path, as_version=4)
+    result = run_cells(nb, timeout)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, out_path)
+    return result
 
 
 # --small: the same configs with narrow layers, so that the hub settings of every notebook run on a CPU in minutes.

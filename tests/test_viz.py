@@ -1,12 +1,8 @@
-"""Tests of the course helpers: minidiff.viz (pictures), minidiff.course (model / device choice), and the
-structure of the committed notebooks (badge, install cell, exercises, size); nbval runs them separately."""
+"""Tests of the course helpers: minidiff.viz (pictures) and minidiff.course (model / device choice). The
+committed notebooks are checked in tests/test_notebooks.py; nbval runs them."""
 
 import io
-import json
 import math
-import re
-import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +15,6 @@ import matplotlib
 from minidiff import course, viz
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
 @pytest.fixture(autouse=True)
@@ -361,75 +356,3 @@ def test_setup_hides_only_the_weight_loading_bar(env):
 def test_hub_reachable_offline_is_immediate(env):
     env.setenv("HF_HUB_OFFLINE", "1")
     assert course.hub_reachable() == (False, "HF_HUB_OFFLINE is set")
-
-
-# --- the committed notebooks ------------------------------------------------------------------------------
-
-def test_notebooks_are_built_from_their_sources():
-    """notebooks/build.py writes the cells from course_cells.py: the committed notebooks must match them."""
-    import importlib.util
-
-    sys.path.insert(0, str(REPO / "notebooks"))
-    try:
-        spec = importlib.util.spec_from_file_location("course_build", REPO / "notebooks" / "build.py")
-        build = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(build)
-    finally:
-        sys.path.remove(str(REPO / "notebooks"))
-    url = build.repository_url()
-    for i, nb_spec in enumerate(build.NOTEBOOKS):
-        fresh = [c.source for c in build.build(nb_spec, i, url).cells]
-        committed = [c["source"] if isinstance(c["source"], str) else "".join(c["source"])
-                     for c in json.loads((REPO / "notebooks" / nb_spec["file"]).read_text())["cells"]]
-        assert fresh == committed, (f"{nb_spec['file']} differs from notebooks/course_cells.py: run "
-                                    f"`python notebooks/build.py --execute {nb_spec['file'][:2]}`")
-
-
-def test_the_notebooks_are_numbered_in_course_order():
-    sys.path.insert(0, str(REPO / "notebooks"))
-    try:
-        import course_cells
-    finally:
-        sys.path.remove(str(REPO / "notebooks"))
-    assert len(course_cells.NOTEBOOKS) >= 16                              # 01-11 the course, 12-16 controlled generation
-    assert [p.name for p in NOTEBOOKS] == [spec["file"] for spec in course_cells.NOTEBOOKS]
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, len(NOTEBOOKS) + 1)]
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
-def test_notebook_structure(path):
-    repo_url = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
-    slug = repo_url.removeprefix("https://github.com/")
-    assert path.stat().st_size < 1_000_000, f"{path.name} is {path.stat().st_size} bytes; keep outputs small"
-    nb = json.loads(path.read_text())
-    cells = nb["cells"]
-    md = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    code = [c for c in cells if c["cell_type"] == "code"]
-    # the badge points at this very file in the repository declared in pyproject
-    assert f"https://colab.research.google.com/github/{slug}/blob/main/notebooks/{path.name}" in md
-    assert "What you will learn" in md and "Exercises" in md
-    i = NOTEBOOKS.index(path)
-    if i + 1 < len(NOTEBOOKS):
-        assert f"({NOTEBOOKS[i + 1].name})" in md, f"{path.name} must link to the next notebook"
-    # the install cell, then the setup cell whose printed choice is the first output of the notebook
-    assert "pip" in "".join(code[0]["source"]) and repo_url in "".join(code[0]["source"])
-    first_output = next(o for c in code for o in c["outputs"])
-    assert "".join(first_output.get("text", "")).startswith("minidiff course setup")
-    # executed, with checked outputs, and never importing the test-only reference library
-    assert all(c["execution_count"] is not None for c in code)
-    assert sum("# NBVAL_CHECK_OUTPUT" in "".join(c["source"]) for c in code) >= 1
-    assert not any(re.search(r"^\s*(import|from)\s+diffusers", "".join(c["source"]), re.M) for c in code)
-    errors = [o for c in code for o in c["outputs"] if o["output_type"] == "error"]
-    assert not errors, f"{path.name} was committed with an error output"
-
-
-def test_environment_yml_is_studio_lab_ready():
-    yaml = pytest.importorskip("yaml")
-    env = yaml.safe_load((REPO / "environment.yml").read_text())
-    deps = env["dependencies"]
-    assert "python=3.11" in deps and "pip" in deps and "ipykernel" in deps
-    pip = next(d["pip"] for d in deps if isinstance(d, dict))
-    assert any(p.startswith("torch") for p in pip)
-    assert any(p.replace(" ", "").startswith("-e.[notebooks") for p in pip)   # the repository, with the course extras
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["notebooks"]
-    assert any(e.startswith("nbval") for e in extras) and any(e.startswith("jupyter") for e in extras)
