@@ -184,15 +184,25 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(c_out, config.downsample_padding)]) if add_downsample else None
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                skips: list[torch.Tensor]) -> torch.Tensor:
+                skips: list[torch.Tensor], adapter_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`adapter_residual`: a T2I-Adapter feature, added where diffusers adds it (see below)."""
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, temb)                                             # (B, C_out, H, W)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)                          # (B, C_out, H, W)
+                # T2I-Adapter, CrossAttnDownBlock2D: after the last (resnet, transformer) pair, before the
+                # downsampler, so the skip and the downsampled map both carry it.
+                if adapter_residual is not None and i == len(self.resnets) - 1:
+                    h = h + adapter_residual                                # (B, C_out, H, W)
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)                                     # (B, C_out, H/2, W/2), rounded up
             skips.append(h)
+        if adapter_residual is not None and self.attentions is None:
+            # T2I-Adapter, plain DownBlock2D: diffusers adds the feature in place to the block's output, which is
+            # the same tensor as the block's last skip, so that skip receives it too.
+            h = h + adapter_residual
+            skips[-1] = h
         return h
 
 
@@ -346,11 +356,13 @@ class UNet2DConditionModel(PretrainedModel):
         encoder_hidden_states: torch.Tensor,
         down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: list[torch.Tensor] | None = None,
     ) -> UNet2DConditionOutput:
         """sample (B, C_in, h, w), timestep, encoder_hidden_states (B, M, D) -> .sample (B, C_out, h, w).
 
         The two optional residuals are ControlNet's (Zhang et al. 2023): added to the skips and to the mid
-        block's output.
+        block's output. `down_intrablock_additional_residuals` are a T2I-Adapter's features (Mou et al. 2023),
+        one per down block, added inside the blocks (see DownBlock.forward).
         """
         self._check_inputs(sample, encoder_hidden_states)
         B = sample.shape[0]
@@ -369,8 +381,15 @@ class UNet2DConditionModel(PretrainedModel):
         # 2. down: every intermediate map is kept for the up path
         h = self.conv_in(sample)                                             # (B, C0, h, w)
         skips = [h]
-        for block in self.down_blocks:
-            h = block(h, temb, context, skips)
+        # T2I-Adapter (Mou et al. 2023): one feature per down block, added inside the block (DownBlock.forward)
+        adapter_features = down_intrablock_additional_residuals or [None] * len(self.down_blocks)
+        if len(adapter_features) != len(self.down_blocks):
+            raise ValueError(
+                f"Expected {len(self.down_blocks)} down_intrablock_additional_residuals (one T2I-Adapter feature per "
+                f"down block), found {len(adapter_features)}. Use an adapter built for this UNet's block_out_channels."
+            )
+        for block, feature in zip(self.down_blocks, adapter_features):
+            h = block(h, temb, context, skips, feature)
 
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):

@@ -1,0 +1,222 @@
+"""ControlNetModel against diffusers' with every weight random (the zero convolutions too), its loading, from_unet,
+its errors, and StableDiffusionControlNetPipeline against diffusers' on a small random SD model."""
+
+import json
+
+import pytest
+import torch
+from diffusers import ControlNetModel as RefControlNet
+from diffusers import UNet2DConditionModel as RefUNet
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel as RefMulti
+
+from helpers import randomize_, rel_err
+from minidiff import UNet2DConditionModel
+from minidiff.models.controlnet import ControlNetModel, MultiControlNetModel, check_controlnet_fits_unet
+from minidiff.models.modeling import load_strict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# lllyasviel/sd-controlnet-canny's config.json (values from ../shared/reference/techniques.md; the keys it leaves
+# out take the defaults conditioning_channels 3 and global_pool_conditions false).
+CANNY_CONFIG = {
+    "_class_name": "ControlNetModel", "_diffusers_version": "0.14.0.dev0",
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "class_embed_type": None, "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None,
+    "only_cross_attention": False, "projection_class_embeddings_input_dim": None,
+    "resnet_time_scale_shift": "default", "upcast_attention": False, "use_linear_projection": False,
+}
+
+SMALL = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+             layers_per_block=1, norm_num_groups=8, cross_attention_dim=24, attention_head_dim=4,
+             conditioning_embedding_out_channels=(8, 16))
+SMALL_UNET = dict(SMALL, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8)
+del SMALL_UNET["conditioning_embedding_out_channels"]
+
+
+def make_pair(config: dict, tmp_path, seed: int = 0, safe_serialization: bool = True):
+    """diffusers' ControlNet with every weight random (zero convs included), saved by diffusers, loaded by minidiff."""
+    ref = randomize_(RefControlNet(**config), seed=seed).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    return ControlNetModel.from_pretrained(tmp_path), ref
+
+
+def inputs(B, h, w, text_dim, f=2, M=7, channels=3):
+    return torch.randn(B, 4, h, w), torch.randn(B, M, text_dim), torch.rand(B, channels, f * h, f * w)
+
+
+def assert_residuals_equal(out, ref_out, bound):
+    down, ref_down = out.down_block_res_samples, ref_out.down_block_res_samples
+    assert len(down) == len(ref_down)
+    for a, b in zip(down, ref_down):
+        assert a.shape == b.shape and b.abs().max() > 0
+        assert rel_err(a, b) <= bound
+    assert rel_err(out.mid_block_res_sample, ref_out.mid_block_res_sample) <= bound
+    return max([rel_err(a, b) for a, b in zip(down, ref_down)]
+               + [rel_err(out.mid_block_res_sample, ref_out.mid_block_res_sample)])
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(conditioning_scale=0.6),
+    dict(conditioning_scale=0.6, guess_mode=True),
+    dict(config=dict(controlnet_conditioning_channel_order="bgr")),
+    dict(config=dict(global_pool_conditions=True), conditioning_scale=0.5),
+    dict(config=dict(layers_per_block=2, attention_head_dim=(2, 4), use_linear_projection=True,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"))),
+])
+@pytest.mark.parametrize("B, h, w, timestep", [(2, 9, 11, torch.tensor([3, 801])), (1, 8, 8, 500)])
+@torch.no_grad()
+def test_parity_small(options, B, h, w, timestep, tmp_path):
+    options = dict(options)
+    config = {**SMALL, **options.pop("config", {})}
+    model, ref = make_pair(config, tmp_path)
+    sample, text, cond = inputs(B, h, w, config["cross_attention_dim"])
+    out = model(sample, timestep, text, cond, **options)
+    expected = ref(sample, timestep, text, cond, **options)
+    assert_residuals_equal(out, expected, 1e-5)
+    down, mid = model(sample, timestep, text, cond, return_dict=False, **options)
+    assert torch.equal(mid, out.mid_block_res_sample) and len(down) == len(out.down_block_res_samples)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_parity_at_the_real_canny_config():
+    """The sd-controlnet-canny architecture (361 M parameters), fp32 on the CPU, every weight random."""
+    ref = randomize_(RefControlNet.from_config(CANNY_CONFIG), seed=1).eval()
+    model = ControlNetModel.from_config(CANNY_CONFIG)
+    load_strict(model, ref.state_dict(), "diffusers' ControlNetModel at the sd-controlnet-canny config")
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    assert len(model.controlnet_down_blocks) == 12
+    sample, text, cond = inputs(1, 8, 8, 768, f=8, M=77)
+    out = model.eval()(sample, 700, text, cond, conditioning_scale=0.8)
+    expected = ref(sample, 700, text, cond, conditioning_scale=0.8)
+    worst = assert_residuals_equal(out, expected, 1e-4)
+    print(f"sd-controlnet-canny config: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"largest relative error over the 13 residuals {worst:.2e}")
+
+
+def test_from_pretrained_reads_bin_files_with_weights_only(tmp_path):
+    """The v1.1 repos ship pickled .bin files: they are read with torch.load(weights_only=True)."""
+    model, ref = make_pair(SMALL, tmp_path, safe_serialization=False)
+    assert (tmp_path / "diffusion_pytorch_model.bin").exists()
+    assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+class NotATensor:
+    """A pickle that would run code if it were unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (print, ("pickle executed",))
+
+
+def test_a_pickle_with_code_is_refused(tmp_path):
+    ref = RefControlNet(**SMALL)
+    ref.save_pretrained(tmp_path, safe_serialization=False)
+    torch.save({"weight": NotATensor()}, tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(OSError, match="Could not read the weight file"):
+        ControlNetModel.from_pretrained(tmp_path)
+
+
+def test_strict_loading_names_the_mismatch(tmp_path):
+    ref = RefControlNet(**SMALL)
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["conditioning_embedding_out_channels"] = [8, 16, 32]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing \(4\): controlnet_cond_embedding.blocks.2.bias"):
+        ControlNetModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("addition_embed_type", "text_time", "addition_embed_type='text_time'"),
+    ("down_block_types", ["CrossAttnDownBlock2D", "SimpleDownBlock2D"], "SimpleDownBlock2D"),
+    ("layers_per_block", [1, 2], "one int"),
+    ("dropout", 0.1, "does not implement the config key"),
+])
+def test_unsupported_configs_are_refused(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        ControlNetModel.from_config({**SMALL, key: value})
+
+
+@torch.no_grad()
+def test_from_unet_copies_the_encoder_and_starts_at_zero(tmp_path):
+    """Training starts from the UNet's encoder and zero convolutions: every residual is 0, the UNet unchanged."""
+    ref_unet = randomize_(RefUNet(**SMALL_UNET)).eval()
+    ref_unet.save_pretrained(tmp_path)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    ref_controlnet = RefControlNet.from_unet(ref_unet, conditioning_embedding_out_channels=(8, 16))
+    ours, theirs = controlnet.state_dict(), ref_controlnet.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        if key.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            assert not ours[key].any(), key                               # the zero convolutions
+        elif not key.startswith("controlnet_cond_embedding"):
+            assert torch.equal(ours[key], theirs[key]), key               # the copy of the UNet's encoder
+            assert torch.equal(ours[key], unet.state_dict()[key]), key
+
+    sample, text, cond = inputs(2, 8, 8, 24)
+    out = controlnet(sample, 10, text, cond)
+    assert all(not r.any() for r in out.down_block_res_samples) and not out.mid_block_res_sample.any()
+    plain = unet(sample, 10, text).sample
+    steered = unet(sample, 10, text, down_block_additional_residuals=out.down_block_res_samples,
+                   mid_block_additional_residual=out.mid_block_res_sample).sample
+    assert torch.equal(plain, steered)
+    check_controlnet_fits_unet(controlnet, unet)
+
+
+@torch.no_grad()
+def test_unet_with_controlnet_residuals_equals_diffusers(tmp_path):
+    ref_unet = randomize_(RefUNet(**SMALL_UNET), seed=3).eval()
+    ref_unet.save_pretrained(tmp_path / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    controlnet, ref_controlnet = make_pair(SMALL, tmp_path / "controlnet")
+    sample, text, cond = inputs(2, 9, 11, 24)
+    out = controlnet(sample, 42, text, cond)
+    ref_down, ref_mid = ref_controlnet(sample, 42, text, cond, return_dict=False)
+    eps = unet(sample, 42, text, down_block_additional_residuals=out.down_block_res_samples,
+               mid_block_additional_residual=out.mid_block_res_sample).sample
+    ref_eps = ref_unet(sample, 42, text, down_block_additional_residuals=ref_down,
+                       mid_block_additional_residual=ref_mid).sample
+    assert rel_err(eps, ref_eps) < 1e-5
+    assert rel_err(eps, unet(sample, 42, text).sample) > 1e-3
+
+
+@torch.no_grad()
+def test_multi_controlnet_sums_the_residuals(tmp_path):
+    (a, ref_a), (b, ref_b) = make_pair(SMALL, tmp_path / "a", seed=1), make_pair(SMALL, tmp_path / "b", seed=2)
+    sample, text, cond = inputs(1, 8, 8, 24)
+    cond_b = torch.rand_like(cond)
+    multi = MultiControlNetModel([a, b])
+    out = multi(sample, 5, text, [cond, cond_b], [0.3, 1.2])
+    ref_down, ref_mid = RefMulti([ref_a, ref_b])(sample, 5, text, [cond, cond_b], [0.3, 1.2], return_dict=False)
+    for x, y in zip(out.down_block_res_samples, ref_down):
+        assert rel_err(x, y) < 1e-5
+    assert rel_err(out.mid_block_res_sample, ref_mid) < 1e-5
+    with pytest.raises(ValueError, match="one condition image and one scale per ControlNet"):
+        multi(sample, 5, text, [cond], [0.3, 1.2])
+
+
+def test_wrong_condition_image_is_refused(tmp_path):
+    model, _ = make_pair(SMALL, tmp_path)
+    sample, text, cond = inputs(1, 8, 8, 24)
+    with pytest.raises(ValueError, match=r"controlnet_cond of shape \(1, 3, 16, 16\).*Found \(1, 1, 16, 16\)"):
+        model(sample, 5, text, cond[:, :1])
+    with pytest.raises(ValueError, match=r"Resize the condition image to 16x16"):
+        model(sample, 5, text, cond[..., :12, :12])
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        model(sample, 5, text[..., :8], cond)
+
+
+def test_a_controlnet_for_another_unet_is_refused(tmp_path):
+    unet = UNet2DConditionModel.from_config(SMALL_UNET)
+    for change in (dict(cross_attention_dim=32), dict(block_out_channels=(32, 32))):
+        controlnet = ControlNetModel.from_config({**SMALL, **change})
+        with pytest.raises(ValueError, match=f"built for another UNet: {next(iter(change))}"):
+            check_controlnet_fits_unet(controlnet, unet)
