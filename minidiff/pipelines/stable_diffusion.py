@@ -19,6 +19,7 @@ import torch
 from ..core.utils import randn_tensor
 from .base import DiffusionPipeline
 from .checks import check_count, check_decoded, check_guidance_scale, check_latents, check_steps
+from .single_file import load_single_file
 from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from .text import as_prompt_list, classifier_free_guidance, prompt_embeddings
 
@@ -44,6 +45,12 @@ class StableDiffusionPipeline(DiffusionPipeline):
         self.tokenizer = tokenizer
         self.unet = unet
         self.scheduler = scheduler
+
+    @classmethod
+    def from_single_file(cls, path: str, **kwargs):
+        """One original CompVis / LDM checkpoint file (`.safetensors`, or a `.ckpt` read with no pickle executed),
+        offline; SD v1 and v2. Options (`prediction_type`, `extract_ema`, `tokenizer`, `config`, ...): single_file.py."""
+        return load_single_file(cls, path, **kwargs)
 
     @property
     def vae_scale_factor(self) -> int:
