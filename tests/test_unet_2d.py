@@ -212,7 +212,7 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(1, 3, 16, 10), 1)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\), found \(1, 4, 16, 16\)"):
         model(torch.randn(1, 4, 16, 16), 1)
-    with pytest.raises(ValueError, match=r"one per image \(2\), found a tensor of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"shape \(1,\) or \(2,\) for a batch of 2, found shape \(3,\)"):
         model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2, 3]))
 
 

@@ -286,9 +286,9 @@ def test_unsupported_option(key, value):
 def test_unknown_key_and_bad_block_types():
     with pytest.raises(ValueError, match=r"does not implement the config key\(s\) \['not_a_key'\]"):
         UNet2DConditionModel.from_config({**SMALL, "not_a_key": 1})
-    with pytest.raises(ValueError, match=r"found \['SimpleCrossAttnDownBlock2D'\] in down_block_types"):
+    with pytest.raises(ValueError, match=r"block type\(s\) \['SimpleCrossAttnDownBlock2D'\] in down_block_types"):
         UNet2DConditionModel.from_config({**SMALL, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})
-    with pytest.raises(ValueError, match=r"one down block and one up block per entry"):
+    with pytest.raises(ValueError, match=r"as many down_block_types and up_block_types as block_out_channels \(2\), found 2 and 1"):
         UNet2DConditionModel.from_config({**SMALL, "up_block_types": ["UpBlock2D"]})
     with pytest.raises(ValueError, match=r"attention_head_dim to be one int or a list of 2"):
         UNet2DConditionModel.from_config({**SMALL, "attention_head_dim": [1, 2, 3]})

@@ -1,5 +1,6 @@
 """The building blocks shared by every minidiff model: read this file once, then the models read easily.
 
+- `broadcast_timesteps`: a UNet's timestep argument (one number, or one per image) -> (B,).
 - `timestep_embedding` / `TimestepEmbedding`: the sinusoidal embedding of the timestep t, then an MLP
   (Vaswani et al. 2017, sec. 3.5; used for diffusion by Ho et al. 2020, appendix B).
 - `ResnetBlock2D`: GroupNorm -> SiLU -> conv, plus the timestep embedding, twice, with a skip
@@ -15,10 +16,40 @@ so a checkpoint's weights load into these modules with no renaming.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def broadcast_timesteps(timestep: torch.Tensor | float | int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """One timestep for the whole batch, or one per image -> (B,) on `device`; both UNets take t this way.
+
+    `timestep`: a Python number, a 0-d tensor, or a tensor of shape (1,) or (B,); a tensor keeps its dtype.
+    A Python int becomes int64 and a float float64 (int32 / float32 on Apple's MPS, which has no 64-bit
+    types), as in diffusers' UNet2DConditionModel: a fractional t such as 10.5 stays 10.5 (diffusers'
+    UNet2DModel would truncate it to 10). `timestep_embedding` computes in float32 whatever the dtype.
+    """
+    if not torch.is_tensor(timestep):
+        if not isinstance(timestep, numbers.Real):
+            raise TypeError(f"Expected timestep to be a number or a tensor, found a {type(timestep).__name__}. "
+                            f"For one timestep per image pass a tensor of shape ({batch_size},).")
+        is_int = isinstance(timestep, numbers.Integral)
+        if device.type == "mps":
+            dtype = torch.int32 if is_int else torch.float32
+        else:
+            dtype = torch.int64 if is_int else torch.float64
+        timestep = torch.tensor(timestep, dtype=dtype, device=device)         # ()
+    t = timestep.to(device)
+    if t.ndim == 0:
+        t = t[None]                                                          # () -> (1,)
+    if t.ndim != 1 or t.shape[0] not in (1, batch_size):
+        raise ValueError(
+            f"Expected timestep to be a number, a 0-d tensor, or a tensor of shape (1,) or ({batch_size},) for a "
+            f"batch of {batch_size}, found shape {tuple(t.shape)}. Pass one timestep for all images or one per image."
+        )
+    return t.expand(batch_size)                                              # (1,) or (B,) -> (B,)
 
 
 def timestep_embedding(

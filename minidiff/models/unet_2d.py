@@ -3,7 +3,7 @@
 
     x_t (B, C, H, W), t  ->  eps_theta(x_t, t) (B, C, H, W)
 
-The network, top to bottom (all pieces from `minidiff.blocks.layers`):
+The network, top to bottom (pieces from `minidiff.blocks.layers` and `minidiff.blocks.unet_blocks`):
 
 1. t -> sinusoidal embedding -> MLP: `temb` (B, 4 * C0), added inside every ResNet block.
 2. `conv_in`, then the down path: per level `layers_per_block` ResNet blocks (each followed by a
@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..blocks.layers import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from ..blocks.layers import Attention, TimestepEmbedding, broadcast_timesteps, timestep_embedding
+from ..blocks.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
+from ..core.config import ModelConfig, check_block_types, check_group_norm
 from .modeling import PretrainedModel
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -34,7 +36,7 @@ UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
 
 
 @dataclass(frozen=True)
-class UNet2DConfig:
+class UNet2DConfig(ModelConfig):
     """The keys of a `UNet2DModel` config.json; defaults are diffusers' defaults, used where an old file
     is silent (ddpm-cat-256 was written by diffusers 0.0.4 and lacks half of these keys)."""
 
@@ -80,39 +82,18 @@ class UNet2DConfig:
         "num_class_embeds": (None,),
     }
 
-    def validate(self, source: str) -> None:
-        """Refuse configs that would build a different network than the checkpoint's."""
-        name = type(self).__name__
-        for key, allowed in self._supported_values.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{source}: {name} does not implement {key}={getattr(self, key)!r} "
-                                 f"(minidiff supports {list(allowed)}).")
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"{source}: expected as many down_block_types and up_block_types as block_out_channels ({n}), "
-                f"found {len(self.down_block_types)} and {len(self.up_block_types)}. Check the config."
-            )
-        for key, block_types, known in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-                                        ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
-            unknown = [t for t in block_types if t not in known]
-            if unknown:
-                raise ValueError(f"{source}: {name} does not implement the block type(s) {unknown} in {key}; "
-                                 f"minidiff supports {list(known)}.")
-        if not isinstance(self.norm_num_groups, int) or self.norm_num_groups < 1:
-            raise ValueError(f"{source}: expected norm_num_groups to be a positive integer, found "
-                             f"{self.norm_num_groups!r}.")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups != 0]
-        if bad:
-            raise ValueError(f"{source}: block_out_channels {list(bad)} are not divisible by "
-                             f"norm_num_groups={self.norm_num_groups}; GroupNorm needs them to be.")
+    def check(self) -> None:
+        """What `_supported_values` cannot say: block types, channel counts, attention widths."""
+        check_block_types(self, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES)
+        check_group_norm(self)
         if self.attention_head_dim is not None:
             levels = zip(self.block_out_channels, self.down_block_types, reversed(self.up_block_types))
             with_attention = [c for c, down, up in levels if "Attn" in down + up] + [self.block_out_channels[-1]]
             too_narrow = sorted({c for c in with_attention if c < self.attention_head_dim})
             if too_narrow:
-                raise ValueError(f"{source}: attention_head_dim={self.attention_head_dim} is wider than the "
-                                 f"{too_narrow} channels of an attention block, which would then have no head.")
+                raise ValueError(f"UNet2DConfig: attention_head_dim={self.attention_head_dim} is wider than the "
+                                 f"{too_narrow} channels of an attention block, which would then have no head. "
+                                 "Lower attention_head_dim or widen block_out_channels.")
 
 
 @dataclass
@@ -122,100 +103,58 @@ class UNet2DOutput:
     sample: torch.Tensor
 
 
-def _self_attention(channels: int, config: UNet2DConfig, norm_groups: int, scale: float = 1.0) -> Attention:
-    """The DDPM attention block: GroupNorm, self-attention over the H*W positions, residual."""
-    head_dim = config.attention_head_dim if config.attention_head_dim is not None else channels
+def self_attention(channels: int, head_dim: int | None, groups: int, eps: float, scale: float = 1.0) -> Attention:
+    """The DDPM attention block: GroupNorm, self-attention over the H*W positions, residual.
+    `head_dim=None`: one head spanning all channels."""
+    head_dim = head_dim if head_dim is not None else channels
     return Attention(channels, heads=channels // head_dim, dim_head=head_dim, bias=True,
-                     norm_groups=norm_groups, eps=config.norm_eps, rescale_output_factor=scale)
+                     norm_groups=groups, eps=eps, rescale_output_factor=scale)
 
 
-class DownBlock2D(nn.Module):
-    """One level of the down path: (B, C_in, H, W) -> (B, C_out, H/2, W/2) (no halving at the last level).
+class AttnDownBlock2D(DownBlock2D):
+    """A `DownBlock2D` with a self-attention block after every ResNet block (the 16x16 level of Ho et al. 2020).
 
-    Keys: `resnets.i`, `attentions.i` (only for an `AttnDownBlock2D`), `downsamplers.0`.
+    (B, C_in, H, W) -> (B, C_out, H/2, W/2). Keys: `resnets.i`, `attentions.i`, `downsamplers.0`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, config: UNet2DConfig,
-                 add_attention: bool, add_downsample: bool):
-        super().__init__()
-        groups, eps = config.norm_num_groups, config.norm_eps
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
-                          groups=groups, eps=eps, dropout=config.dropout)
-            for i in range(config.layers_per_block)
-        ])
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, groups: int,
+                 eps: float, dropout: float, add_downsample: bool, downsample_padding: int,
+                 attention_head_dim: int | None):
+        super().__init__(in_channels, out_channels, temb_channels, num_layers, groups, eps, dropout,
+                         add_downsample, downsample_padding)
         self.attentions = nn.ModuleList([
-            _self_attention(out_channels, config, groups) for _ in range(config.layers_per_block)
-        ]) if add_attention else None
-        self.downsamplers = nn.ModuleList([
-            Downsample2D(out_channels, padding=config.downsample_padding)
-        ]) if add_downsample else None
+            self_attention(out_channels, attention_head_dim, groups, eps) for _ in range(num_layers)
+        ])
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
-            if self.attentions is not None:
-                h = self.attentions[i](h)
+        for resnet, attention in zip(self.resnets, self.attentions):
+            h = attention(resnet(h, temb))                          # (B, C_out, H, W)
             skips.append(h)
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
+            h = self.downsamplers[0](h)                             # (B, C_out, H/2, W/2)
             skips.append(h)
         return h
 
 
-class UNetMidBlock2D(nn.Module):
-    """The bottleneck at the lowest resolution: ResNet, self-attention, ResNet; (B, C, h, w) -> same.
+class AttnUpBlock2D(UpBlock2D):
+    """An `UpBlock2D` with a self-attention block after every ResNet block.
 
-    Also the mid block of the VAE (`temb_channels=None`). Both ResNets and the attention divide their
-    output by `scale` (`mid_block_scale_factor`).
-    """
-
-    def __init__(self, channels: int, temb_channels: int | None, groups: int, eps: float, attention: Attention,
-                 dropout: float = 0.0, scale: float = 1.0):
-        super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(channels, channels, temb_channels, groups=groups, eps=eps, dropout=dropout,
-                          output_scale_factor=scale)
-            for _ in range(2)
-        ])
-        self.attentions = nn.ModuleList([attention])
-
-    def forward(self, h: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.resnets[0](h, temb)
-        h = self.attentions[0](h)
-        return self.resnets[1](h, temb)
-
-
-class UpBlock2D(nn.Module):
-    """One level of the up path: (B, C_prev, H, W) + skips -> (B, C_out, 2H, 2W) (no doubling at the last level).
-
-    Each ResNet block first concatenates one skip popped from the stack: the last one pushed at this
-    level's resolution comes first. Keys: `resnets.i`, `attentions.i` (only for an `AttnUpBlock2D`),
-    `upsamplers.0`.
+    (B, C_prev, H, W) + skips -> (B, C_out, 2H, 2W). Keys: `resnets.i`, `attentions.i`, `upsamplers.0`.
     """
 
     def __init__(self, prev_channels: int, out_channels: int, skip_channels: list[int], temb_channels: int,
-                 config: UNet2DConfig, add_attention: bool, add_upsample: bool):
-        super().__init__()
-        groups, eps = config.norm_num_groups, config.norm_eps
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D((prev_channels if i == 0 else out_channels) + skip_channels[i], out_channels,
-                          temb_channels, groups=groups, eps=eps, dropout=config.dropout)
-            for i in range(len(skip_channels))
-        ])
+                 groups: int, eps: float, dropout: float, add_upsample: bool, attention_head_dim: int | None):
+        super().__init__(prev_channels, out_channels, skip_channels, temb_channels, groups, eps, dropout, add_upsample)
         self.attentions = nn.ModuleList([
-            _self_attention(out_channels, config, groups) for _ in range(len(skip_channels))
-        ]) if add_attention else None
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+            self_attention(out_channels, attention_head_dim, groups, eps) for _ in range(len(skip_channels))
+        ])
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            h = torch.cat([h, skips.pop()], dim=1)                   # (B, C_h + C_skip, H, W)
-            h = resnet(h, temb)
-            if self.attentions is not None:
-                h = self.attentions[i](h)
+        for resnet, attention in zip(self.resnets, self.attentions):
+            h = torch.cat([h, skips.pop()], dim=1)                  # (B, C_h + C_skip, H, W)
+            h = attention(resnet(h, temb))                          # (B, C_out, H, W)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h)
+            h = self.upsamplers[0](h, size=skips[-1].shape[-2:])    # (B, C_out, 2H, 2W)
         return h
 
 
@@ -229,8 +168,7 @@ class UNet2DModel(PretrainedModel):
 
     def __init__(self, config: UNet2DConfig):
         super().__init__()
-        config.validate(type(self).__name__)
-        self.config = config
+        self.config = config                                         # checked when it was made (ModelConfig)
         channels = config.block_out_channels
         n_levels = len(channels)
         temb_dim = config.time_embedding_dim or 4 * channels[0]
@@ -243,17 +181,21 @@ class UNet2DModel(PretrainedModel):
         skip_channels = [channels[0]]                                # conv_in's output is the first skip
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(config.down_block_types):
-            in_ch = channels[max(i - 1, 0)]
             is_last = i == n_levels - 1
-            self.down_blocks.append(DownBlock2D(in_ch, channels[i], temb_dim, config,
-                                                add_attention=block_type == "AttnDownBlock2D",
-                                                add_downsample=not is_last))
+            level = dict(in_channels=channels[max(i - 1, 0)], out_channels=channels[i], temb_channels=temb_dim,
+                         num_layers=config.layers_per_block, groups=groups, eps=eps, dropout=config.dropout,
+                         add_downsample=not is_last, downsample_padding=config.downsample_padding)
+            if block_type == "AttnDownBlock2D":
+                self.down_blocks.append(AttnDownBlock2D(**level, attention_head_dim=config.attention_head_dim))
+            else:
+                self.down_blocks.append(DownBlock2D(**level))
             skip_channels += [channels[i]] * (config.layers_per_block + (0 if is_last else 1))
 
         mid_groups = config.attn_norm_num_groups or groups
         self.mid_block = UNetMidBlock2D(
             channels[-1], temb_dim, groups, eps, dropout=config.dropout, scale=config.mid_block_scale_factor,
-            attention=_self_attention(channels[-1], config, mid_groups, scale=config.mid_block_scale_factor),
+            attention=self_attention(channels[-1], config.attention_head_dim, mid_groups, eps,
+                                     scale=config.mid_block_scale_factor),
         )
 
         # Up path: level i works at the resolution of down level n-1-i and pops its skips.
@@ -261,10 +203,13 @@ class UNet2DModel(PretrainedModel):
         prev = channels[-1]
         for i, block_type in enumerate(config.up_block_types):
             out_ch = channels[n_levels - 1 - i]
-            level_skips = [skip_channels.pop() for _ in range(config.layers_per_block + 1)]
-            self.up_blocks.append(UpBlock2D(prev, out_ch, level_skips, temb_dim, config,
-                                            add_attention=block_type == "AttnUpBlock2D",
-                                            add_upsample=i < n_levels - 1))
+            level_skips = [skip_channels.pop() for _ in range(config.layers_per_block + 1)]  # in popping order
+            level = dict(prev_channels=prev, out_channels=out_ch, skip_channels=level_skips, temb_channels=temb_dim,
+                         groups=groups, eps=eps, dropout=config.dropout, add_upsample=i < n_levels - 1)
+            if block_type == "AttnUpBlock2D":
+                self.up_blocks.append(AttnUpBlock2D(**level, attention_head_dim=config.attention_head_dim))
+            else:
+                self.up_blocks.append(UpBlock2D(**level))
             prev = out_ch
 
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
@@ -284,7 +229,7 @@ class UNet2DModel(PretrainedModel):
             sample = 2 * sample - 1.0
 
         # 1. Timestep embedding: t (B,) -> sinusoids (B, C0) -> MLP (B, 4*C0).
-        t = self._timesteps(timestep, B, sample.device)
+        t = broadcast_timesteps(timestep, B, sample.device)          # (B,)
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift)
         temb = self.time_embedding(t_emb.to(self.dtype))             # sinusoids are fp32; the MLP may be fp16
@@ -316,14 +261,3 @@ class UNet2DModel(PretrainedModel):
             raise ValueError(f"Expected H and W to be multiples of {factor} (the UNet halves them "
                              f"{factor.bit_length() - 1} times), found {H}x{W}. Resize or pad the input.")
         return B, C, H, W
-
-    @staticmethod
-    def _timesteps(timestep, batch_size: int, device: torch.device) -> torch.Tensor:
-        """A number, a 0-d tensor or a (1,) / (B,) tensor -> (B,) on `device`."""
-        t = torch.as_tensor(timestep, device=device)
-        if t.ndim == 0:
-            t = t[None]
-        if t.ndim != 1 or t.shape[0] not in (1, batch_size):
-            raise ValueError(f"Expected one timestep or one per image ({batch_size}), found a tensor of shape "
-                             f"{tuple(t.shape)}.")
-        return t.expand(batch_size)

@@ -13,6 +13,10 @@ conditions it on text: after each ResNet block of the `CrossAttn*` levels sits a
       -> 4 up blocks, each [concat(skips.pop()) -> resnet -> transformer] x 3, then upsample (not the last)
       -> GroupNorm -> SiLU -> conv_out              (B, 4, h, w): the predicted noise eps
 
+The blocks without attention (`DownBlock2D`, `UpBlock2D`) are the DDPM UNet's (`blocks/unet_blocks.py`); the
+`CrossAttn*` blocks below extend them with a spatial transformer after every ResNet block. The class names
+are the block types of the config (`down_block_types`), as in diffusers.
+
 The config field `attention_head_dim` is, for historical reasons, the NUMBER of heads (8 in SD v1): each
 head has channels / 8 dimensions (diffusers keeps the misnomer for its 40,000+ configs, and so do we).
 Module attribute names equal the checkpoint keys (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k`).
@@ -25,16 +29,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..blocks.layers import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
-from .modeling import PretrainedModel
+from ..blocks.layers import Attention, TimestepEmbedding, broadcast_timesteps, timestep_embedding
 from ..blocks.transformer_2d import SpatialTransformer
+from ..blocks.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
+from ..core.config import ModelConfig, check_block_types, check_group_norm
+from .modeling import PretrainedModel
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
 @dataclass(frozen=True)
-class UNet2DConditionConfig:
+class UNet2DConditionConfig(ModelConfig):
     """The keys of a diffusers `UNet2DConditionModel` config.json (0.42 and the older SD v1 files).
 
     Defaults are diffusers' defaults, which are Stable Diffusion v1's values.
@@ -125,32 +131,20 @@ class UNet2DConditionConfig:
         "act_fn": ("silu", "swish"),   # two names of the same function
     }
 
-    def validate(self, source: str) -> None:
+    def check(self) -> None:
+        """What `_supported_values` cannot say: block types, channel counts, per-block lists."""
+        check_block_types(self, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES)
+        check_group_norm(self)
         n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"{source}: expected one down block and one up block per entry of block_out_channels ({n}), "
-                f"found {len(self.down_block_types)} down_block_types and {len(self.up_block_types)} "
-                "up_block_types. Make the three lists the same length."
-            )
-        for kind, types, known in (("down", self.down_block_types, DOWN_BLOCK_TYPES),
-                                   ("up", self.up_block_types, UP_BLOCK_TYPES)):
-            unknown = [t for t in types if t not in known]
-            if unknown:
-                raise ValueError(
-                    f"{source}: minidiff's UNet2DConditionModel builds the {kind} blocks {list(known)}, "
-                    f"found {unknown} in {kind}_block_types. This checkpoint is not a Stable Diffusion 1/2 UNet."
-                )
         for name in ("attention_head_dim", "layers_per_block"):
             value = getattr(self, name)
             if not isinstance(value, int) and len(value) != n:
-                raise ValueError(
-                    f"{source}: expected {name} to be one int or a list of {n} (one per block), found {value!r}."
-                )
+                raise ValueError(f"UNet2DConditionConfig: expected {name} to be one int or a list of {n} (one per "
+                                 f"block), found {value!r}.")
         if not isinstance(self.cross_attention_dim, int):
             raise ValueError(
-                f"{source}: expected cross_attention_dim to be one int (the width of the text embeddings), "
-                f"found {self.cross_attention_dim!r}; per-block widths are not implemented in minidiff."
+                f"UNet2DConditionConfig: expected cross_attention_dim to be one int (the width of the text "
+                f"embeddings), found {self.cross_attention_dim!r}; per-block widths are not implemented in minidiff."
             )
 
 
@@ -164,98 +158,77 @@ class UNet2DConditionOutput:
     sample: torch.Tensor   # (B, out_channels, h, w): the model output, the predicted noise for SD
 
 
-class DownBlock(nn.Module):
-    """(B, C_in, H, W) -> (B, C_out, H/2, W/2): `layers` resnets (each followed by a spatial transformer in a
-    `CrossAttnDownBlock2D`), then a stride-2 conv unless this is the last block. Pushes every output on `skips`."""
+class CrossAttnDownBlock2D(DownBlock2D):
+    """A `DownBlock2D` with a spatial transformer after every ResNet block, which reads the text.
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, layers: int, cross_attention: bool,
-                 heads: int, config: UNet2DConditionConfig, add_downsample: bool):
-        super().__init__()
-        groups, eps = config.norm_num_groups, config.norm_eps
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(c_in if i == 0 else c_out, c_out, temb_dim, groups, eps, config.dropout)
-            for i in range(layers)
-        ])
+    (B, C_in, H, W) -> (B, C_out, H/2, W/2). Keys: `resnets.i`, `attentions.i`, `downsamplers.0`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, groups: int,
+                 eps: float, dropout: float, add_downsample: bool, downsample_padding: int, heads: int,
+                 cross_attention_dim: int, use_linear_projection: bool):
+        super().__init__(in_channels, out_channels, temb_channels, num_layers, groups, eps, dropout,
+                         add_downsample, downsample_padding)
         self.attentions = nn.ModuleList([
-            SpatialTransformer(c_out, heads, c_out // heads, config.cross_attention_dim, groups,
-                               config.use_linear_projection)
-            for _ in range(layers)
-        ]) if cross_attention else None
-        self.downsamplers = nn.ModuleList([Downsample2D(c_out, config.downsample_padding)]) if add_downsample else None
+            SpatialTransformer(out_channels, heads, out_channels // heads, cross_attention_dim, groups,
+                               use_linear_projection)
+            for _ in range(num_layers)
+        ])
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                skips: list[torch.Tensor], adapter_residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor], context: torch.Tensor,
+                adapter_residual: torch.Tensor | None = None) -> torch.Tensor:
         """`adapter_residual`: a T2I-Adapter feature, added where diffusers adds it (see below)."""
-        for i, resnet in enumerate(self.resnets):
+        for i, (resnet, attention) in enumerate(zip(self.resnets, self.attentions)):
             h = resnet(h, temb)                                             # (B, C_out, H, W)
-            if self.attentions is not None:
-                h = self.attentions[i](h, context)                          # (B, C_out, H, W)
-                # T2I-Adapter, CrossAttnDownBlock2D: after the last (resnet, transformer) pair, before the
-                # downsampler, so the skip and the downsampled map both carry it.
-                if adapter_residual is not None and i == len(self.resnets) - 1:
-                    h = h + adapter_residual                                # (B, C_out, H, W)
+            h = attention(h, context)                                       # (B, C_out, H, W)
+            # T2I-Adapter, CrossAttnDownBlock2D: after the last (resnet, transformer) pair, before the
+            # downsampler, so the skip and the downsampled map both carry it.
+            if adapter_residual is not None and i == len(self.resnets) - 1:
+                h = h + adapter_residual                                    # (B, C_out, H, W)
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)                                     # (B, C_out, H/2, W/2), rounded up
             skips.append(h)
-        if adapter_residual is not None and self.attentions is None:
-            # T2I-Adapter, plain DownBlock2D: diffusers adds the feature in place to the block's output, which is
-            # the same tensor as the block's last skip, so that skip receives it too.
-            h = h + adapter_residual
-            skips[-1] = h
         return h
 
 
-class MidBlock(nn.Module):
-    """(B, C, H, W) -> (B, C, H, W): resnet -> spatial transformer -> resnet (`UNetMidBlock2DCrossAttn`)."""
+class UNetMidBlock2DCrossAttn(UNetMidBlock2D):
+    """(B, C, H, W) -> (B, C, H, W): resnet -> spatial transformer (reads the text) -> resnet."""
 
-    def __init__(self, channels: int, temb_dim: int, heads: int, config: UNet2DConditionConfig):
-        super().__init__()
-        groups, eps, scale = config.norm_num_groups, config.norm_eps, config.mid_block_scale_factor
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(channels, channels, temb_dim, groups, eps, config.dropout, output_scale_factor=scale)
-            for _ in range(2)
-        ])
-        self.attentions = nn.ModuleList([
-            SpatialTransformer(channels, heads, channels // heads, config.cross_attention_dim, groups,
-                               config.use_linear_projection)
-        ])
+    def __init__(self, channels: int, temb_channels: int, groups: int, eps: float, dropout: float, scale: float,
+                 heads: int, cross_attention_dim: int, use_linear_projection: bool):
+        transformer = SpatialTransformer(channels, heads, channels // heads, cross_attention_dim, groups,
+                                         use_linear_projection)
+        super().__init__(channels, temb_channels, groups, eps, attention=transformer, dropout=dropout, scale=scale)
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = self.resnets[0](h, temb)
-        h = self.attentions[0](h, context)
+        h = self.resnets[0](h, temb)                                        # (B, C, H, W)
+        h = self.attentions[0](h, context)                                  # (B, C, H, W)
         return self.resnets[1](h, temb)
 
 
-class UpBlock(nn.Module):
-    """(B, C_prev, H, W) -> (B, C_out, 2H, 2W): `layers` times [concat a skip -> resnet (-> transformer)],
-    then upsample to the size of the next skip unless this is the last block."""
+class CrossAttnUpBlock2D(UpBlock2D):
+    """An `UpBlock2D` with a spatial transformer after every ResNet block, which reads the text.
 
-    def __init__(self, c_prev: int, c_out: int, c_skip_last: int, temb_dim: int, layers: int,
-                 cross_attention: bool, heads: int, config: UNet2DConditionConfig, add_upsample: bool):
-        super().__init__()
-        groups, eps = config.norm_num_groups, config.norm_eps
-        # Input of resnet i: the running map (C_prev for the first, then C_out) plus the skip it concatenates.
-        # The last skip of each up block is the one the matching down block received as its input.
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D((c_prev if i == 0 else c_out) + (c_skip_last if i == layers - 1 else c_out),
-                          c_out, temb_dim, groups, eps, config.dropout)
-            for i in range(layers)
-        ])
+    (B, C_prev, H, W) + skips -> (B, C_out, 2H, 2W). Keys: `resnets.i`, `attentions.i`, `upsamplers.0`.
+    """
+
+    def __init__(self, prev_channels: int, out_channels: int, skip_channels: list[int], temb_channels: int,
+                 groups: int, eps: float, dropout: float, add_upsample: bool, heads: int, cross_attention_dim: int,
+                 use_linear_projection: bool):
+        super().__init__(prev_channels, out_channels, skip_channels, temb_channels, groups, eps, dropout, add_upsample)
         self.attentions = nn.ModuleList([
-            SpatialTransformer(c_out, heads, c_out // heads, config.cross_attention_dim, groups,
-                               config.use_linear_projection)
-            for _ in range(layers)
-        ]) if cross_attention else None
-        self.upsamplers = nn.ModuleList([Upsample2D(c_out)]) if add_upsample else None
+            SpatialTransformer(out_channels, heads, out_channels // heads, cross_attention_dim, groups,
+                               use_linear_projection)
+            for _ in range(len(skip_channels))
+        ])
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                skips: list[torch.Tensor]) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor],
+                context: torch.Tensor) -> torch.Tensor:
+        for resnet, attention in zip(self.resnets, self.attentions):
             h = torch.cat([h, skips.pop()], dim=1)                          # (B, C + C_skip, H, W)
             h = resnet(h, temb)                                             # (B, C_out, H, W)
-            if self.attentions is not None:
-                h = self.attentions[i](h, context)                          # (B, C_out, H, W)
+            h = attention(h, context)                                       # (B, C_out, H, W)
         if self.upsamplers is not None:
             # Upsample to the size of the skip concatenated next: 2H, or 2H-1 where a down block saw an odd size.
             h = self.upsamplers[0](h, size=skips[-1].shape[-2:])            # (B, C_out, ~2H, ~2W)
@@ -273,37 +246,49 @@ class UNet2DConditionModel(PretrainedModel):
 
     def __init__(self, config: UNet2DConditionConfig):
         super().__init__()
-        config.validate(type(config).__qualname__)
-        self.config = config
+        self.config = config                                   # checked when it was made (ModelConfig)
         channels = config.block_out_channels
         n = len(channels)
         heads = per_block(config.attention_head_dim, n)        # the misnamed field: heads per block
         layers = per_block(config.layers_per_block, n)
         temb_dim = 4 * channels[0]                             # 1280 in SD
+        groups, eps = config.norm_num_groups, config.norm_eps
+        text = dict(cross_attention_dim=config.cross_attention_dim, use_linear_projection=config.use_linear_projection)
 
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
 
+        # Down path. `skip_channels` mirrors at build time the stack of skips that forward() fills.
+        skip_channels = [channels[0]]                          # conv_in's output is the first skip
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(config.down_block_types):
-            c_in = channels[max(i - 1, 0)]
-            self.down_blocks.append(DownBlock(
-                c_in, channels[i], temb_dim, layers[i], block_type == "CrossAttnDownBlock2D", heads[i], config,
-                add_downsample=i < n - 1,
-            ))
+            is_last = i == n - 1
+            level = dict(in_channels=channels[max(i - 1, 0)], out_channels=channels[i], temb_channels=temb_dim,
+                         num_layers=layers[i], groups=groups, eps=eps, dropout=config.dropout,
+                         add_downsample=not is_last, downsample_padding=config.downsample_padding)
+            if block_type == "CrossAttnDownBlock2D":
+                self.down_blocks.append(CrossAttnDownBlock2D(**level, heads=heads[i], **text))
+            else:
+                self.down_blocks.append(DownBlock2D(**level))
+            skip_channels += [channels[i]] * (layers[i] + (0 if is_last else 1))
 
-        self.mid_block = MidBlock(channels[-1], temb_dim, heads[-1], config)
+        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb_dim, groups, eps, config.dropout,
+                                                 config.mid_block_scale_factor, heads=heads[-1], **text)
 
-        # The up path mirrors the down path: up block i works at the resolution of down block n-1-i.
+        # Up path: up block i works at the resolution of down block n-1-i and pops its skips.
         self.up_blocks = nn.ModuleList()
+        prev = channels[-1]
         for i, block_type in enumerate(config.up_block_types):
-            level = n - 1 - i
-            c_prev = channels[min(level + 1, n - 1)]           # what the block below (or the mid block) hands up
-            c_skip_last = channels[max(level - 1, 0)]          # the input of down block `level`
-            self.up_blocks.append(UpBlock(
-                c_prev, channels[level], c_skip_last, temb_dim, layers[level] + 1,
-                block_type == "CrossAttnUpBlock2D", heads[level], config, add_upsample=i < n - 1,
-            ))
+            down = n - 1 - i
+            level_skips = [skip_channels.pop() for _ in range(layers[down] + 1)]  # in popping order
+            level = dict(prev_channels=prev, out_channels=channels[down], skip_channels=level_skips,
+                         temb_channels=temb_dim, groups=groups, eps=eps, dropout=config.dropout,
+                         add_upsample=i < n - 1)
+            if block_type == "CrossAttnUpBlock2D":
+                self.up_blocks.append(CrossAttnUpBlock2D(**level, heads=heads[down], **text))
+            else:
+                self.up_blocks.append(UpBlock2D(**level))
+            prev = channels[down]
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_act = nn.SiLU()
@@ -316,22 +301,6 @@ class UNet2DConditionModel(PretrainedModel):
         want, run the UNet, then read `layer.attention_probs`, shape (B, heads, h*w of that level, M tokens).
         """
         return {name: module for name, module in self.named_modules() if name.endswith(".attn2")}
-
-    def _timesteps(self, timestep: torch.Tensor | float | int, B: int, device: torch.device) -> torch.Tensor:
-        """An int / float / 0-d tensor / (1,) or (B,) tensor -> (B,) timesteps, as diffusers broadcasts them."""
-        if not torch.is_tensor(timestep):
-            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
-            if device.type == "mps":  # no 64-bit types on Apple GPUs
-                dtype = torch.float32 if isinstance(timestep, float) else torch.int32
-            timestep = torch.tensor([timestep], dtype=dtype, device=device)
-        elif timestep.ndim == 0:
-            timestep = timestep[None].to(device)
-        if timestep.ndim != 1 or timestep.shape[0] not in (1, B):
-            raise ValueError(
-                f"Expected timestep to be a number, a 0-d tensor, or a tensor of shape (1,) or ({B},) for a "
-                f"batch of {B}, found shape {tuple(timestep.shape)}. Pass one timestep per sample or one for all."
-            )
-        return timestep.to(device).expand(B)                                 # (B,)
 
     def _check_inputs(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
         c_in, d_text = self.config.in_channels, self.config.cross_attention_dim
@@ -362,7 +331,7 @@ class UNet2DConditionModel(PretrainedModel):
 
         The two optional residuals are ControlNet's (Zhang et al. 2023): added to the skips and to the mid
         block's output. `down_intrablock_additional_residuals` are a T2I-Adapter's features (Mou et al. 2023),
-        one per down block, added inside the blocks (see DownBlock.forward).
+        one per down block, added inside the blocks (see CrossAttnDownBlock2D.forward and step 2).
         """
         self._check_inputs(sample, encoder_hidden_states)
         B = sample.shape[0]
@@ -373,7 +342,7 @@ class UNet2DConditionModel(PretrainedModel):
             sample = 2 * sample - 1.0
 
         # 1. timestep embedding: sinusoidal features (always float32), then the MLP in the model's dtype
-        t = self._timesteps(timestep, B, sample.device)                      # (B,)
+        t = broadcast_timesteps(timestep, B, sample.device)                  # (B,)
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift).to(sample.dtype)  # (B, C0)
         temb = self.time_embedding(t_emb)                                    # (B, 4*C0)
@@ -381,7 +350,7 @@ class UNet2DConditionModel(PretrainedModel):
         # 2. down: every intermediate map is kept for the up path
         h = self.conv_in(sample)                                             # (B, C0, h, w)
         skips = [h]
-        # T2I-Adapter (Mou et al. 2023): one feature per down block, added inside the block (DownBlock.forward)
+        # T2I-Adapter (Mou et al. 2023): one feature per down block, added inside the block (CrossAttnDownBlock2D)
         adapter_features = down_intrablock_additional_residuals or [None] * len(self.down_blocks)
         if len(adapter_features) != len(self.down_blocks):
             raise ValueError(
@@ -389,7 +358,15 @@ class UNet2DConditionModel(PretrainedModel):
                 f"down block), found {len(adapter_features)}. Use an adapter built for this UNet's block_out_channels."
             )
         for block, feature in zip(self.down_blocks, adapter_features):
-            h = block(h, temb, context, skips, feature)
+            if isinstance(block, CrossAttnDownBlock2D):                      # only these read the text
+                h = block(h, temb, skips, context, feature)
+            else:
+                h = block(h, temb, skips)
+                if feature is not None:
+                    # T2I-Adapter, plain DownBlock2D: diffusers adds the feature in place to the block's output,
+                    # which is the same tensor as the block's last skip, so that skip receives it too.
+                    h = h + feature
+                    skips[-1] = h
 
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
@@ -406,7 +383,10 @@ class UNet2DConditionModel(PretrainedModel):
 
         # 4. up: each block concatenates the skips of its level, last in first out
         for block in self.up_blocks:
-            h = block(h, temb, context, skips)
+            if isinstance(block, CrossAttnUpBlock2D):                        # only these read the text
+                h = block(h, temb, skips, context)
+            else:
+                h = block(h, temb, skips)
         assert not skips, "every skip connection is used exactly once"
 
         # 5. out

@@ -24,15 +24,16 @@ import torch
 from torch import nn
 
 from ..blocks.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
-from .modeling import PretrainedModel
-from .unet_2d import UNetMidBlock2D
+from ..blocks.unet_blocks import UNetMidBlock2D
+from ..core.config import ModelConfig, check_block_types, check_group_norm
 from ..core.utils import randn_tensor
+from .modeling import PretrainedModel
 
 EPS = 1e-6  # the GroupNorm epsilon of every norm in the VAE (fixed in the original code, not in config.json)
 
 
 @dataclass(frozen=True)
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(ModelConfig):
     """The keys of an `AutoencoderKL` config.json; defaults are diffusers' defaults."""
 
     in_channels: int = 3
@@ -66,32 +67,10 @@ class AutoencoderKLConfig:
         "mid_block_add_attention": (True,),
     }
 
-    def validate(self, source: str) -> None:
-        """Refuse configs that would build a different network than the checkpoint's."""
-        name = type(self).__name__
-        for key, allowed in self._supported_values.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{source}: {name} does not implement {key}={getattr(self, key)!r} "
-                                 f"(minidiff supports {list(allowed)}).")
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"{source}: expected as many down_block_types and up_block_types as block_out_channels ({n}), "
-                f"found {len(self.down_block_types)} and {len(self.up_block_types)}. Check the config."
-            )
-        for key, block_types, known in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
-                                        ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
-            unknown = sorted({t for t in block_types if t != known})
-            if unknown:
-                raise ValueError(f"{source}: {name} does not implement the block type(s) {unknown} in {key}; "
-                                 f"minidiff supports [{known!r}].")
-        if not isinstance(self.norm_num_groups, int) or self.norm_num_groups < 1:
-            raise ValueError(f"{source}: expected norm_num_groups to be a positive integer, found "
-                             f"{self.norm_num_groups!r}.")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups != 0]
-        if bad:
-            raise ValueError(f"{source}: block_out_channels {bad} are not divisible by "
-                             f"norm_num_groups={self.norm_num_groups}; GroupNorm needs them to be.")
+    def check(self) -> None:
+        """What `_supported_values` cannot say: block types and channel counts."""
+        check_block_types(self, ("DownEncoderBlock2D",), ("UpDecoderBlock2D",))
+        check_group_norm(self)
 
 
 @dataclass
@@ -255,8 +234,7 @@ class AutoencoderKL(PretrainedModel):
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
-        config.validate(type(self).__name__)
-        self.config = config
+        self.config = config                                         # checked when it was made (ModelConfig)
         L = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
