@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fake_checkpoints import make_fake_sd
-from helpers import gen, max_pixel_diff, quiet
+from helpers import gen, max_pixel_diff, quiet, randomize_
 from minidiff import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from minidiff.core.checkpoint_file import UnsafeCheckpointError, read_checkpoint_file, read_state_dict
 from minidiff.models.ldm_layout import (OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, ema_name, ldm_name,
@@ -304,3 +304,34 @@ def test_bookkeeping_globals_are_inert_placeholders(tmp_path):
     assert repr(data["meta"]) == "<placeholder for numpy.savetxt>" and data["meta"].args[0] == str(marker)
     assert torch.equal(read_state_dict(str(tmp_path / "np.ckpt"))["w"], torch.ones(2))
     assert not marker.exists()
+
+
+def test_sd2_layout_round_trip_and_diffusers(reference_dir, tmp_path):
+    """A small SD 2-like model (linear projections, a GELU text encoder written as OpenCLIP): minidiff's file has
+    OpenCLIP's names (in_proj fused), loads back tensor for tensor, and diffusers reads it to the same tensors."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = make_fake_sd(tmp_path / "sd2", reference_dir, use_linear_projection=True)
+    text_config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    text_config.hidden_act = "gelu"
+    randomize_(CLIPTextModel(text_config), seed=5).save_pretrained(folder / "text_encoder")
+    pipe = quiet(StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None))
+    path = tmp_path / "sd2.safetensors"
+    save_single_file(pipe, str(path), text_encoder_format="open_clip")
+    names = set(load_file(str(path)))
+    assert OPEN_CLIP_PREFIX + "transformer.resblocks.0.attn.in_proj_weight" in names
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in names)
+    back = load_single_file(StableDiffusionPipeline, str(path), config=str(folder))
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                                safety_checker=None)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        c = {k: v for k, v in getattr(theirs, name).state_dict().items() if not k.endswith("position_ids")}
+        assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a), name
+    weights = load_file(str(path))
+    weights[OPEN_CLIP_PREFIX + "transformer.resblocks.0.attn.extra"] = torch.zeros(1)
+    save_file(weights, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"fit no part of the SD 2 text encoder.*resblocks\.0\.attn\.extra"):
+        load_single_file(StableDiffusionPipeline, str(tmp_path / "extra.safetensors"), config=str(folder))

@@ -213,6 +213,14 @@ def open_clip_from_ldm(weights: dict[str, torch.Tensor], num_layers: int) -> dic
     return out
 
 
+def open_clip_unused(weights: dict[str, torch.Tensor], num_layers: int) -> list[str]:
+    """Keys under the OpenCLIP prefix that neither `open_clip_from_ldm` takes nor SD 2 is known to drop."""
+    used = set(open_clip_to_ldm(open_clip_from_ldm(weights, num_layers), num_layers))
+    dropped = tuple(OPEN_CLIP_PREFIX + k for k in ("text_projection", "logit_scale", "attn_mask",
+                                                  f"transformer.resblocks.{num_layers}."))
+    return sorted(k for k in weights if k.startswith(OPEN_CLIP_PREFIX) and k not in used and not k.startswith(dropped))
+
+
 def clip_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {CLIP_PREFIX + key: value for key, value in state_dict.items()}
 

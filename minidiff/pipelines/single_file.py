@@ -23,7 +23,7 @@ import torch
 from ..core.checkpoint_file import read_state_dict
 from ..core.config import read_json
 from ..models.ldm_layout import (CLIP_PREFIX, EMA_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, clip_from_ldm,
-                                 clip_to_ldm, ema_name, from_ldm, open_clip_from_ldm, open_clip_to_ldm, to_ldm,
+                                 clip_to_ldm, ema_name, from_ldm, open_clip_from_ldm, open_clip_to_ldm, open_clip_unused, to_ldm,
                                  unet_blocks, vae_blocks)
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
@@ -127,7 +127,7 @@ def load_single_file(pipeline_cls, path: str, prediction_type: str | None = None
         check_published_width(weights, version, path)
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; found {prediction_type!r}.")
-    if version == "v2" and prediction_type is None and scheduler is None:
+    if version == "v2" and prediction_type is None and scheduler is None and config is None:
         raise ValueError(f"{path} is a Stable Diffusion 2 file, which cannot tell what its UNet predicts: pass "
                          "prediction_type='v_prediction' (stable-diffusion-2-1, 768 px) or 'epsilon' "
                          "(stable-diffusion-2-1-base, 512 px).")
@@ -150,8 +150,14 @@ def load_single_file(pipeline_cls, path: str, prediction_type: str | None = None
     vae = AutoencoderKL.from_config(vae_config)
     vae.load_state_dict(from_ldm(vae, vae_blocks(vae.config), weights, VAE_PREFIX, path), strict=True)
     text_encoder = CLIPTextModel(text_config).eval()
-    text_weights = (clip_from_ldm(weights) if version == "v1"
-                    else open_clip_from_ldm(weights, text_config.num_hidden_layers))
+    if version == "v1":
+        text_weights = clip_from_ldm(weights)
+    else:
+        text_weights = open_clip_from_ldm(weights, text_config.num_hidden_layers)
+        unused = open_clip_unused(weights, text_config.num_hidden_layers)
+        if unused:
+            raise ValueError(f"{path}: {len(unused)} {OPEN_CLIP_PREFIX}* weights fit no part of the SD 2 text "
+                             f"encoder: {unused[:5]}. Is it an OpenCLIP ViT-H text tower?")
     if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):
         # transformers 5 keeps CLIPTextModel's layers at the top (`embeddings.`, `encoder.`); earlier versions and
         # every SD checkpoint put them under `text_model.`
@@ -172,14 +178,17 @@ def load_single_file(pipeline_cls, path: str, prediction_type: str | None = None
     if tokenizer is None and config is not None and os.path.isdir(os.path.join(config, "tokenizer")):
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer"))
     tokenizer = tokenizer or find_tokenizer(version, local_files_only)
-    if version == "v2" and tokenizer.pad_token != "!":
+    if version == "v2" and config is None and tokenizer.pad_token != "!":
         tokenizer.pad_token = "!"      # SD 2's OpenCLIP tokenizer pads with "!" (SD 1 pads with <|endoftext|>)
     pipe = pipeline_cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     return pipe.to(torch_dtype) if torch_dtype is not None else pipe
 
 
-def save_single_file(pipe, path: str, overwrite: bool = False) -> None:
-    """Write the pipeline's UNet, VAE and text encoder as one LDM-layout `.safetensors` file."""
+def save_single_file(pipe, path: str, overwrite: bool = False, text_encoder_format: str | None = None) -> None:
+    """Write the pipeline's UNet, VAE and text encoder as one LDM-layout `.safetensors` file.
+
+    `text_encoder_format`: "clip" (SD 1) or "open_clip" (SD 2); by default SD 2's when the UNet's cross-attention
+    is 1024 wide."""
     from safetensors.torch import save_file
 
     if not path.endswith(".safetensors"):
@@ -188,7 +197,9 @@ def save_single_file(pipe, path: str, overwrite: bool = False) -> None:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     text = {(k if k.startswith("text_model.") else "text_model." + k): v      # the SD layout, whatever transformers'
             for k, v in pipe.text_encoder.state_dict().items() if not k.endswith("position_ids")}
-    is_v2 = pipe.unet.config.cross_attention_dim == 1024
+    if text_encoder_format not in (None, "clip", "open_clip"):
+        raise ValueError(f"text_encoder_format must be 'clip' or 'open_clip'; found {text_encoder_format!r}.")
+    is_v2 = (text_encoder_format or ("open_clip" if pipe.unet.config.cross_attention_dim == 1024 else "clip")) == "open_clip"
     weights = {**to_ldm(pipe.unet, unet_blocks(pipe.unet.config), UNET_PREFIX),
                **to_ldm(pipe.vae, vae_blocks(pipe.vae.config), VAE_PREFIX),
                **(open_clip_to_ldm(text, pipe.text_encoder.config.num_hidden_layers) if is_v2 else clip_to_ldm(text))}
