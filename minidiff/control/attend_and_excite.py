@@ -107,7 +107,8 @@ class StableDiffusionAttendAndExcitePipeline(StableDiffusionPipeline):
         per_prompt = self.check_token_indices(prompts, token_indices)
         self.check_schedule(max_iter_to_alter, thresholds, scale_factor, max_refinement_steps)
         batch_size = len(prompts) * num_images_per_prompt
-        height, width, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
+        height, width, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
+                                                        num_inference_steps, guidance_scale)
         attn_res = (math.ceil(height / 32), math.ceil(width / 32)) if attn_res is None else tuple(attn_res)
         self.warn_if_slow()
         device = self.device

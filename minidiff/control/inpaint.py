@@ -29,6 +29,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..pipelines.checks import check_finite
 from ..pipelines.outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from ..pipelines.img2img import StableDiffusionImg2ImgPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
@@ -151,6 +152,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
             if mask.ndim != 4 or mask.shape[1] != 1:
                 raise ValueError(f"A tensor mask must be (M, 1, H, W), (M, H, W) or (H, W) with one channel; found "
                                  f"shape {tuple(mask_image.shape)}. For an RGB mask, pass mask.mean(1, keepdim=True).")
+            # NaN would pass the range check below and binarise to 0 (keep): the repaint silently not done.
+            check_finite(mask, "The mask tensor", "Check how it was made.")
             if mask.min() < 0 or mask.max() > 1:
                 raise ValueError(f"A tensor mask must hold values in [0, 1] (1 = repaint); found "
                                  f"[{mask.min().item():.3g}, {mask.max().item():.3g}]. For a 0-255 mask, "

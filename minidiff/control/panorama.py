@@ -62,7 +62,8 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
         window = self.window_size
         height, width = height or window * f, width or 4 * window * f      # one window high, four wide
         batch_size = len(prompts) * num_images_per_prompt
-        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
+        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
+                                               num_inference_steps, guidance_scale)
         stride = window // 8 if stride is None else stride
         views = self.get_views(height // f, width // f, window, stride, circular_padding)
         if not isinstance(view_batch_size, int) or view_batch_size < 1:

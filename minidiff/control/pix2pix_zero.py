@@ -145,7 +145,8 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
         source_embeds = self.as_embeds(source_embeds, "source_embeds")
         target_embeds = self.as_embeds(target_embeds, "target_embeds")
         B = len(prompts) * num_images_per_prompt
-        _, _, latent_shape = self.check_inputs(B, height, width, output_type, generator, latents)
+        _, _, latent_shape = self.check_inputs(B, height, width, output_type, generator, latents, num_inference_steps,
+                                               guidance_scale)
         h, w = latent_shape[2:]
         self.warn_if_slow()
         device = self.device

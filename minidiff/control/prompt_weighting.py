@@ -31,6 +31,7 @@ import warnings
 
 import torch
 
+from ..pipelines.checks import check_finite
 from ..pipelines.outputs import ImagePipelineOutput, Intermediates, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list
@@ -190,7 +191,8 @@ class StableDiffusionPromptWeightingPipeline(StableDiffusionPipeline):
         text = self.text_embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                     num_images_per_prompt, guidance)       # (2B, 77, D) or (B, 77, D)
         batch_size = text.shape[0] // 2 if guidance else text.shape[0]
-        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
+        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
+                                               num_inference_steps, guidance_scale)
         self.warn_if_slow()
 
         # 2.-5. Timesteps, z_T, the denoising loop and decoding, exactly as in text-to-image.
@@ -238,4 +240,5 @@ class StableDiffusionPromptWeightingPipeline(StableDiffusionPipeline):
             found = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
             raise ValueError(f"{name} must be a (P, 77, {D}) tensor (one row of CLIP embeddings per token, e.g. "
                              f"from weighted_prompt_embeddings); found {found}.")
+        check_finite(embeds, name, "Check how the embeddings were made (a weight or a blend that divided by zero?).")
         return embeds.to(device=self.device, dtype=self.dtype)

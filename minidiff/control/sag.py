@@ -100,7 +100,8 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
             raise ValueError(f"sag_scale must be a number >= 0 (0 turns SAG off; the paper uses 0.75); "
                              f"found {sag_scale!r}.")
         batch_size = len(prompts) * num_images_per_prompt
-        height, width, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
+        height, width, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
+                                                        num_inference_steps, guidance_scale)
         h, w = latent_shape[2:]
         if sag_scale > 0 and min(h, w) <= BLUR_KERNEL_SIZE // 2:
             raise ValueError(f"SAG blurs the latents with a {BLUR_KERNEL_SIZE}x{BLUR_KERNEL_SIZE} kernel and reflected "

@@ -92,11 +92,13 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
         batch_size = len(prompts) * num_images_per_prompt
-        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents)
+        _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
+                                               num_inference_steps, guidance_scale)
         concepts = self.check_edit_arguments(editing_prompt, editing_prompt_embeddings, guidance_scale,
                                              reverse_editing_direction, edit_guidance_scale, edit_warmup_steps,
                                              edit_cooldown_steps, edit_threshold, edit_momentum_scale, edit_mom_beta,
                                              edit_weights)
+        self.check_edit_window(concepts, num_inference_steps)
         if sem_guidance is not None and (len(sem_guidance) != num_inference_steps
                                          or any(tuple(g.shape) != latent_shape for g in sem_guidance)):
             raise ValueError(f"sem_guidance must be a list of {num_inference_steps} tensors (one per step) of shape "
@@ -236,3 +238,17 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
             raise ValueError(f"edit_momentum_scale must be >= 0 and edit_mom_beta in [0, 1]; found "
                              f"{momentum_scale!r} and {mom_beta!r}.")
         return concepts
+
+    @staticmethod
+    def check_edit_window(concepts: dict, num_inference_steps: int) -> None:
+        """Refuse a concept whose edit would never apply: it guides from step `warmup` until step `cooldown`
+        (or the last step), so a warm-up at or past that end leaves the image unedited, with no other sign."""
+        for c, (warmup, cooldown) in enumerate(zip(concepts["warmup"], concepts["cooldown"])):
+            end = num_inference_steps if cooldown is None else min(cooldown, num_inference_steps)
+            if warmup >= end:
+                raise ValueError(
+                    f"Concept {c} would never be applied: edit_warmup_steps={warmup} but it guides only until step "
+                    f"{end} (num_inference_steps={num_inference_steps}, edit_cooldown_steps={cooldown}). Expected "
+                    f"edit_warmup_steps < {end}: lower it (10 is diffusers' default, meant for 50 steps) or raise "
+                    "num_inference_steps."
+                )

@@ -141,7 +141,7 @@ class DiffusionPipeline:
         for name in names:
             expected = cls.component_classes.get(name)
             found = index[name][1] if isinstance(index[name], (list, tuple)) and len(index[name]) == 2 else None
-            if expected is not None and found != expected:
+            if expected is not None and found is not None and found != expected:   # a malformed entry: load_component
                 folder_class = index.get("_class_name", "another pipeline")
                 raise ValueError(
                     f"{index_path} is a {folder_class} folder: its {name} is a {found}, but {cls.__name__} needs a "

@@ -36,6 +36,11 @@ CAUSES = {
 
 
 # --- numbers, before any work ----------------------------------------------------------------------------
+# The default of a check_inputs argument that a pipeline does not take. (Not None: guidance_scale=None is a
+# mistake to catch.)
+NOT_TAKEN = object()
+
+
 def is_int(value) -> bool:
     """An int but not a bool (True would otherwise count as 1 image)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

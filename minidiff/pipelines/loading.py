@@ -56,6 +56,10 @@ SCHEDULER_CLASSES = {
 
 
 def load_component(folder: str, name: str, library_and_class, torch_dtype, variant, use_safetensors):
+    if not (isinstance(library_and_class, (list, tuple)) and len(library_and_class) == 2):
+        raise ValueError(f"{folder}/{MODEL_INDEX_NAME} gives {name} = {library_and_class!r}; expected a pair "
+                         f"[library, class], e.g. [\"diffusers\", \"UNet2DConditionModel\"]. Fix the file, or pass "
+                         f"{name}= yourself.")
     library, class_name = library_and_class
     # google/ddpm-cat-256 keeps its UNet and scheduler at the root of the repo, not in unet/ and scheduler/.
     subfolder = name if os.path.isdir(os.path.join(folder, name)) else None
@@ -71,10 +75,18 @@ def load_component(folder: str, name: str, library_and_class, torch_dtype, varia
         from transformers import CLIPTextModel, CLIPTokenizer
 
         path = os.path.join(folder, name)
-        if class_name == "CLIPTokenizer":
-            return CLIPTokenizer.from_pretrained(path)
-        dtype = transformers_dtype_kwargs(torch_dtype or torch.float32)  # dtype= or torch_dtype=, by version
-        return CLIPTextModel.from_pretrained(path, **dtype, variant=variant, use_safetensors=use_safetensors).eval()
+        # transformers' errors on a broken file (e.g. "incomplete metadata" for a truncated safetensors) do not
+        # say which file or component they are about; this one does.
+        try:
+            if class_name == "CLIPTokenizer":
+                return CLIPTokenizer.from_pretrained(path)
+            dtype = transformers_dtype_kwargs(torch_dtype or torch.float32)  # dtype= or torch_dtype=, by version
+            return CLIPTextModel.from_pretrained(path, **dtype, variant=variant, use_safetensors=use_safetensors).eval()
+        except Exception as e:
+            files = sorted(os.listdir(path)) if os.path.isdir(path) else "no such folder"
+            raise OSError(f"Could not load the {name} ({class_name}) from {path} (files: {files}): "
+                          f"{type(e).__name__}: {e}. A file there is missing, truncated or corrupt: download or save "
+                          "it again.") from e
     if class_name not in MODEL_CLASSES:
         raise ValueError(
             f"{folder}/{MODEL_INDEX_NAME} names {name} = {library}.{class_name}; minidiff can load "

@@ -18,7 +18,7 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import DiffusionPipeline
-from .checks import check_count, check_decoded, check_guidance_scale, check_latents, check_steps
+from .checks import NOT_TAKEN, check_count, check_decoded, check_guidance_scale, check_latents, check_steps
 from .single_file import load_single_file
 from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from .text import as_prompt_list, classifier_free_guidance, prompt_embeddings
@@ -108,16 +108,16 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images, intermediates=intermediates)
 
     def check_inputs(self, batch_size: int, height, width, output_type: str, generator, latents,
-                     num_inference_steps=None, guidance_scale=None):
+                     num_inference_steps=NOT_TAKEN, guidance_scale=NOT_TAKEN):
         """Step 0 of text-to-image and of most controlled pipelines -> (height, width, latent_shape), or a clear error.
 
         batch_size = prompts x num_images_per_prompt. height and width default to the UNet's sample_size in pixels;
         latent_shape is (B, 4, H/8, W/8). num_inference_steps and guidance_scale are checked when given.
         """
         check_count(batch_size, "num_images_per_prompt (times the number of prompts)", "images to make")
-        if num_inference_steps is not None:
+        if num_inference_steps is not NOT_TAKEN:
             check_steps(num_inference_steps)
-        if guidance_scale is not None:
+        if guidance_scale is not NOT_TAKEN:
             check_guidance_scale(guidance_scale)
         size = self.unet.config.sample_size  # in latents: 64 for SD v1, so 64 * 8 = 512 pixels
         size_h, size_w = (size, size) if isinstance(size, int) else size
