@@ -26,13 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks.layers import TimestepEmbedding, timestep_embedding
+from ..blocks.layers import TimestepEmbedding, broadcast_timesteps, timestep_embedding
+from ..blocks.unet_blocks import DownBlock2D
+from ..core.config import ModelConfig, check_group_norm
 from .modeling import PretrainedModel
-from .unet_2d_condition import DOWN_BLOCK_TYPES, DownBlock, MidBlock, UNet2DConditionConfig, UNet2DConditionModel, per_block
+from .unet_2d_condition import (DOWN_BLOCK_TYPES, CrossAttnDownBlock2D, UNet2DConditionModel, UNetMidBlock2DCrossAttn,
+                                per_block)
 
 
 @dataclass(frozen=True)
-class ControlNetConfig:
+class ControlNetConfig(ModelConfig):
     """The keys of a diffusers `ControlNetModel` config.json; defaults are diffusers' (SD v1 widths)."""
 
     in_channels: int = 4
@@ -88,41 +91,26 @@ class ControlNetConfig:
         "act_fn": ("silu", "swish"),
     }
 
-    def validate(self, source: str) -> None:
+    def check(self) -> None:
+        """What `_supported_values` cannot say: block types, channel counts, per-block lists."""
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n:
-            raise ValueError(
-                f"{source}: expected one down block per entry of block_out_channels ({n}), found "
-                f"{len(self.down_block_types)} down_block_types. Make the two lists the same length."
-            )
+            raise ValueError(f"ControlNetConfig: expected one down block per entry of block_out_channels ({n}), found "
+                             f"{len(self.down_block_types)} down_block_types. Make the two lists the same length.")
         unknown = [t for t in self.down_block_types if t not in DOWN_BLOCK_TYPES]
         if unknown:
-            raise ValueError(f"{source}: minidiff's ControlNetModel builds the down blocks {list(DOWN_BLOCK_TYPES)}, "
-                             f"found {unknown}. This checkpoint is not a Stable Diffusion 1/2 ControlNet.")
+            raise ValueError(f"ControlNetConfig does not implement the block type(s) {unknown} in down_block_types; "
+                             f"minidiff supports {list(DOWN_BLOCK_TYPES)} (Stable Diffusion 1/2 ControlNets).")
+        check_group_norm(self)
         if not isinstance(self.layers_per_block, int):
-            raise ValueError(f"{source}: expected layers_per_block to be one int (as diffusers' ControlNetModel "
+            raise ValueError(f"ControlNetConfig: expected layers_per_block to be one int (as diffusers' ControlNetModel "
                              f"reads it), found {self.layers_per_block!r}.")
         if not isinstance(self.attention_head_dim, int) and len(self.attention_head_dim) != n:
-            raise ValueError(f"{source}: expected attention_head_dim to be one int or a list of {n}, found "
+            raise ValueError(f"ControlNetConfig: expected attention_head_dim to be one int or a list of {n}, found "
                              f"{self.attention_head_dim!r}.")
         if len(self.conditioning_embedding_out_channels) < 1:
-            raise ValueError(f"{source}: conditioning_embedding_out_channels must list at least one width, "
+            raise ValueError(f"ControlNetConfig: conditioning_embedding_out_channels must list at least one width, "
                              f"found {self.conditioning_embedding_out_channels!r}.")
-
-    def as_unet_config(self) -> UNet2DConditionConfig:
-        """The UNet config of the same encoder: what the shared down and mid blocks read, and what the UNet
-        that this ControlNet steers must have (see `check_controlnet_fits_unet`)."""
-        up = tuple("CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D"
-                   for t in reversed(self.down_block_types))
-        return UNet2DConditionConfig(
-            in_channels=self.in_channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
-            down_block_types=self.down_block_types, up_block_types=up, block_out_channels=self.block_out_channels,
-            layers_per_block=self.layers_per_block, downsample_padding=self.downsample_padding,
-            mid_block_scale_factor=self.mid_block_scale_factor, norm_num_groups=self.norm_num_groups,
-            norm_eps=self.norm_eps, cross_attention_dim=self.cross_attention_dim,
-            attention_head_dim=self.attention_head_dim, use_linear_projection=self.use_linear_projection,
-            upcast_attention=self.upcast_attention,
-        )
 
 
 @dataclass
@@ -179,31 +167,36 @@ class ControlNetModel(PretrainedModel):
 
     def __init__(self, config: ControlNetConfig):
         super().__init__()
-        config.validate(type(config).__qualname__)
-        self.config = config
-        block_config = config.as_unet_config()     # the fields the shared UNet blocks read
+        self.config = config                                   # checked when it was made (ModelConfig)
         channels = config.block_out_channels
         n = len(channels)
-        heads = per_block(config.attention_head_dim, n)
+        heads = per_block(config.attention_head_dim, n)        # the misnamed field: heads per block
         temb_dim = 4 * channels[0]
+        groups, eps = config.norm_num_groups, config.norm_eps
+        text = dict(cross_attention_dim=config.cross_attention_dim, use_linear_projection=config.use_linear_projection)
 
-        # The copy of the UNet's encoder: same classes, same names, so `from_unet` copies weights key by key.
+        # The copy of the UNet's encoder: the UNet's classes and names, so `from_unet` copies weights key by key.
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             config.conditioning_channels, config.conditioning_embedding_out_channels, channels[0])
-        self.down_blocks = nn.ModuleList([
-            DownBlock(channels[max(i - 1, 0)], channels[i], temb_dim, config.layers_per_block,
-                      block_type == "CrossAttnDownBlock2D", heads[i], block_config, add_downsample=i < n - 1)
-            for i, block_type in enumerate(config.down_block_types)
-        ])
-        self.mid_block = MidBlock(channels[-1], temb_dim, heads[-1], block_config)
+        self.down_blocks = nn.ModuleList()
+        for i, block_type in enumerate(config.down_block_types):
+            level = dict(in_channels=channels[max(i - 1, 0)], out_channels=channels[i], temb_channels=temb_dim,
+                         num_layers=config.layers_per_block, groups=groups, eps=eps, dropout=0.0,
+                         add_downsample=i < n - 1, downsample_padding=config.downsample_padding)
+            if block_type == "CrossAttnDownBlock2D":
+                self.down_blocks.append(CrossAttnDownBlock2D(**level, heads=heads[i], **text))
+            else:
+                self.down_blocks.append(DownBlock2D(**level))
+        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb_dim, groups, eps, 0.0, config.mid_block_scale_factor,
+                                                 heads=heads[-1], **text)
 
         # The zero convolutions, one per skip in the order the UNet pushes them: conv_in's output, then per
         # block its `layers_per_block` resnet outputs and (all but the last block) its downsampled output.
         skip_channels = [channels[0]]
         for i in range(n):
-            skip_channels += [channels[i]] * config.layers_per_block + ([channels[i]] if i < n - 1 else [])
+            skip_channels += [channels[i]] * (config.layers_per_block + (1 if i < n - 1 else 0))
         self.controlnet_down_blocks = nn.ModuleList([zero_conv(c) for c in skip_channels])
         self.controlnet_mid_block = zero_conv(channels[-1])
 
@@ -285,7 +278,7 @@ class ControlNetModel(PretrainedModel):
             controlnet_cond = controlnet_cond.flip(1)                       # the checkpoint was trained on BGR
 
         # 1. timestep embedding, as in the UNet
-        t = UNet2DConditionModel._timesteps(self, timestep, B, sample.device)   # (B,)
+        t = broadcast_timesteps(timestep, B, sample.device)                  # (B,)
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift).to(sample.dtype)      # (B, C0)
         temb = self.time_embedding(t_emb)                                    # (B, 4*C0)
@@ -296,7 +289,10 @@ class ControlNetModel(PretrainedModel):
         # 3. the UNet's encoder: down blocks, every intermediate map kept, then the mid block
         skips = [h]
         for block in self.down_blocks:
-            h = block(h, temb, context, skips)
+            if isinstance(block, CrossAttnDownBlock2D):                      # only these read the text
+                h = block(h, temb, skips, context)
+            else:
+                h = block(h, temb, skips)
         h = self.mid_block(h, temb, context)                                 # (B, C_last, h/2^k, w/2^k)
 
         # 4. one zero convolution per skip and one on the mid block's output
@@ -356,12 +352,12 @@ class MultiControlNetModel(nn.Module):
 
 def check_controlnet_fits_unet(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: str = "controlnet") -> None:
     """A clear error when `controlnet` was built for another UNet: its residuals would not fit the UNet's skips."""
-    mine, theirs = controlnet.config.as_unet_config(), unet.config
-    fields = ("in_channels", "block_out_channels", "down_block_types", "cross_attention_dim")
+    mine, theirs = controlnet.config, unet.config
     differ = [f"{f}: ControlNet {getattr(mine, f)!r}, UNet {getattr(theirs, f)!r}"
-              for f in fields if getattr(mine, f) != getattr(theirs, f)]
-    if per_block(mine.layers_per_block, len(mine.block_out_channels)) != per_block(
-            theirs.layers_per_block, len(theirs.block_out_channels)):
+              for f in ("in_channels", "block_out_channels", "down_block_types", "cross_attention_dim")
+              if getattr(mine, f) != getattr(theirs, f)]
+    n = len(theirs.block_out_channels)
+    if (mine.layers_per_block,) * n != per_block(theirs.layers_per_block, n):
         differ.append(f"layers_per_block: ControlNet {mine.layers_per_block!r}, UNet {theirs.layers_per_block!r}")
     if differ:
         raise ValueError(f"{name} was built for another UNet: {'; '.join(differ)}. Use a ControlNet trained for "

@@ -28,13 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.config import ModelConfig
 from .modeling import PretrainedModel
 
 ADAPTER_TYPES = ("full_adapter", "light_adapter")
 
 
 @dataclass(frozen=True)
-class T2IAdapterConfig:
+class T2IAdapterConfig(ModelConfig):
     """The keys of a diffusers `T2IAdapter` config.json; defaults are diffusers' (the SD v1.5 full adapter)."""
 
     in_channels: int = 3
@@ -43,12 +44,12 @@ class T2IAdapterConfig:
     downscale_factor: int = 8
     adapter_type: str = "full_adapter"
 
-    def validate(self, source: str) -> None:
+    def check(self) -> None:
         if self.adapter_type not in ADAPTER_TYPES:
-            raise ValueError(f"{source}: minidiff's T2IAdapter builds adapter_type {list(ADAPTER_TYPES)}, found "
+            raise ValueError(f"T2IAdapterConfig: minidiff's T2IAdapter builds adapter_type {list(ADAPTER_TYPES)}, found "
                              f"{self.adapter_type!r} (full_adapter_xl is the SDXL adapter, which minidiff does not run).")
         if len(self.channels) < 1 or self.num_res_blocks < 1 or self.downscale_factor < 1:
-            raise ValueError(f"{source}: expected at least one width in channels, num_res_blocks >= 1 and "
+            raise ValueError(f"T2IAdapterConfig: expected at least one width in channels, num_res_blocks >= 1 and "
                              f"downscale_factor >= 1; found {self.channels!r}, {self.num_res_blocks}, "
                              f"{self.downscale_factor}.")
 
@@ -161,8 +162,7 @@ class T2IAdapter(PretrainedModel):
 
     def __init__(self, config: T2IAdapterConfig):
         super().__init__()
-        config.validate(type(config).__qualname__)
-        self.config = config
+        self.config = config                                   # checked when it was made (ModelConfig)
         # One submodule named `adapter`, because the checkpoint keys start with `adapter.`.
         self.adapter = FullAdapter(config) if config.adapter_type == "full_adapter" else LightAdapter(config)
 
