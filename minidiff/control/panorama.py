@@ -60,7 +60,8 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
         prompts = as_prompt_list(prompt)
         f = self.vae_scale_factor
         window = self.window_size
-        height, width = height or window * f, width or 4 * window * f      # one window high, four wide
+        height = window * f if height is None else height                 # one window high, four wide
+        width = 4 * window * f if width is None else width                # (0 is refused by check_inputs)
         batch_size = len(prompts) * num_images_per_prompt
         _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
                                                num_inference_steps, guidance_scale)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..blocks.layers import Attention
 from ..core.config import read_json
 from ..core.hub import OFFLINE_HELP, bundled_path, is_offline, resolve_file
-from ..models.modeling import as_torch_dtype
+from ..models.modeling import DTYPE_NAMES, as_torch_dtype
 from ..models.vae import AutoencoderKL
 from .checks import FiniteWatch
 from .loading import MODEL_INDEX_NAME, NOT_LOADED, download_components, load_component
@@ -181,13 +181,16 @@ class DiffusionPipeline:
 
     def to(self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None):
         """Move every model: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)`.
+        A dtype may also be named as in from_pretrained's torch_dtype: `pipe.to("bfloat16")`.
 
         float16 and bfloat16 also run on the CPU: PyTorch 2.13 has CPU kernels for every layer used here
         in both. bfloat16 ran as fast as float32 there when measured; float16 convolutions are very slow
         (see `warn_if_slow`).
         """
-        if isinstance(device, torch.dtype):
+        # "float16" would otherwise reach torch as a device string ("Invalid device string: 'float16'").
+        if isinstance(device, torch.dtype) or isinstance(device, str) and device.removeprefix("torch.") in DTYPE_NAMES:
             device, dtype = None, device
+        dtype = as_torch_dtype(dtype)
         for model in self.models():
             model.to(device=device, dtype=dtype)
         return self

@@ -37,9 +37,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
         safety checker: no NSFW filter is applied to the images."""
         super().__init__()
         if safety_checker is not None or image_encoder is not None:
-            warnings.warn(f"{type(self).__name__} got a {'safety_checker' if safety_checker is not None else 'image_encoder'}"
-                          ": minidiff does not run it (no NSFW filter is applied to the images; IP-Adapter image "
-                          "prompts are not implemented). Pass None to silence this warning.", stacklevel=2)
+            unused = "safety_checker" if safety_checker is not None else "image_encoder"
+            warnings.warn(f"{type(self).__name__} got a {unused}: minidiff does not run it (no NSFW filter is "
+                          "applied to the images; IP-Adapter image prompts are not implemented). Pass None to "
+                          "silence this warning.", stacklevel=2)
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
