@@ -5,12 +5,14 @@ import json
 import shutil
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from helpers import randomize_, rel_err
 from safetensors.torch import load_file, save_file
 
 import minidiff
+from minidiff.blocks.layers import broadcast_timesteps
 from minidiff.models.modeling import LEGACY_ATTENTION_NAMES
 
 TOL = 1e-5
@@ -214,6 +216,46 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(1, 4, 16, 16), 1)
     with pytest.raises(ValueError, match=r"shape \(1,\) or \(2,\) for a batch of 2, found shape \(3,\)"):
         model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2, 3]))
+
+
+# The one timestep function of both UNets: (argument, dtype it becomes, the (B,) values it gives for B = 2).
+TIMESTEP_FORMS = [
+    (7, torch.int64, [7, 7]),
+    (7.5, torch.float64, [7.5, 7.5]),                    # a fractional float stays fractional
+    (np.float32(7.5), torch.float64, [7.5, 7.5]),
+    (np.int64(7), torch.int64, [7, 7]),
+    (torch.tensor(7), torch.int64, [7, 7]),              # 0-d
+    (torch.tensor([7.5]), torch.float32, [7.5, 7.5]),    # (1,): a tensor keeps its dtype
+    (torch.tensor([7, 300], dtype=torch.int32), torch.int32, [7, 300]),
+]
+
+
+@pytest.mark.parametrize("timestep, dtype, values", TIMESTEP_FORMS, ids=[repr(t) for t, _, _ in TIMESTEP_FORMS])
+def test_broadcast_timesteps(timestep, dtype, values):
+    t = broadcast_timesteps(timestep, 2, torch.device("cpu"))
+    assert t.shape == (2,) and t.dtype == dtype
+    assert t.tolist() == values
+    assert broadcast_timesteps(timestep, 2, torch.device("meta")).device.type == "meta"
+
+
+def test_broadcast_timesteps_refuses_what_is_not_one_or_one_per_image():
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"shape \(1,\) or \(2,\) for a batch of 2, found shape \(3,\)\. Pass one"):
+        broadcast_timesteps(torch.tensor([1, 2, 3]), 2, cpu)
+    with pytest.raises(ValueError, match=r"found shape \(2, 1\)"):
+        broadcast_timesteps(torch.tensor([[1], [2]]), 2, cpu)
+    with pytest.raises(TypeError, match=r"a number or a tensor, found a list\. For one timestep per image pass a "
+                                        r"tensor of shape \(2,\)"):
+        broadcast_timesteps([1, 2], 2, cpu)
+
+
+@torch.no_grad()
+def test_float64_timestep_gives_the_float32_result():
+    """A Python float becomes float64 (as in diffusers' UNet2DConditionModel); the sinusoids are computed in
+    float32 either way, so the output is bit-identical to that of a float32 timestep."""
+    model = minidiff.UNet2DModel.from_config(CONFIGS["heads_center_scale"]).eval()
+    x = input_for(CONFIGS["heads_center_scale"])
+    assert torch.equal(model(x, 10.25).sample, model(x, torch.tensor([10.25], dtype=torch.float32)).sample)
 
 
 @pytest.mark.slow

@@ -263,26 +263,6 @@ def test_wrong_timestep_shape(small_model):
         small_model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2, 3]), torch.randn(2, 7, 24))
 
 
-@pytest.mark.parametrize("key, value", [
-    ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10),
-    ("addition_embed_type", "text_time"),
-    ("dual_cross_attention", True),
-    ("only_cross_attention", True),
-    ("transformer_layers_per_block", 2),
-    ("time_cond_proj_dim", 256),
-    ("encoder_hid_dim", 1024),
-    ("num_attention_heads", 8),
-    ("resnet_time_scale_shift", "scale_shift"),
-    ("conv_in_kernel", 7),
-    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-    ("act_fn", "gelu"),
-])
-def test_unsupported_option(key, value):
-    with pytest.raises(ValueError, match=rf"does not implement {key}="):
-        UNet2DConditionModel.from_config({**SMALL, key: value})
-
-
 def test_unknown_key_and_bad_block_types():
     with pytest.raises(ValueError, match=r"does not implement the config key\(s\) \['not_a_key'\]"):
         UNet2DConditionModel.from_config({**SMALL, "not_a_key": 1})
