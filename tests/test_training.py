@@ -4,14 +4,16 @@ Everything runs on the CPU with tiny model configs, a few steps each.
 """
 
 import argparse
+import builtins
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from minidiff.training import evaluate, shapes, train_ddpm, train_sd, train_vae
-from minidiff.training.common import add_common_args
+from minidiff.training.common import STATE_NAME, CommandError, add_common_args
 from minidiff.training.shapes import HELD_OUT, POSITIONS, SIZES, ShapesDataset
 from minidiff.training.tokenizer import BOS, EOS, MODEL_MAX_LENGTH, build_vocab, write_tokenizer
 
@@ -160,7 +162,7 @@ def parse(module, *argv):
         parser.add_argument("--vae")
         parser.add_argument("--caption-dropout", type=float, default=0.1)
         parser.add_argument("--freeze-text-encoder", action="store_true")
-    return parser.parse_args([*argv, "--device", "cpu", "--num-images", "64", "--warmup", "1"])
+    return parser.parse_args(["--device", "cpu", "--num-images", "64", "--warmup", "1", *argv])  # argv overrides
 
 
 TINY_VAE = {**train_vae.VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4}
@@ -197,6 +199,7 @@ def test_vae_loop_learns_and_measures_its_scaling_factor(trained_vae):
     # 1 / std of latents z ~ q(z | x): another draw of the noise gives nearly the same number
     assert config["scaling_factor"] == pytest.approx(1 / z.std().item(), rel=0.05)
     assert config["scaling_factor"] != train_vae.VAE_CONFIG["scaling_factor"]
+    assert set(torch.load(out / STATE_NAME, weights_only=True)) >= {"vae", "ema", "optimizer", "generator"}
 
 
 def test_ddpm_loop_learns_and_writes_a_pipeline_folder(tmp_path):
@@ -241,6 +244,10 @@ def test_sd_loop_learns_and_writes_a_pipeline_folder(tmp_path, trained_vae):
     assert loss[-1] < 0.7 * loss[0], loss
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (tmp_path / sub).is_dir(), sub
+    # The state holds only what weights_only=True reads (--resume reads it so): tensors and plain values.
+    state = torch.load(tmp_path / STATE_NAME, weights_only=True)
+    assert set(state) == {"step", "seconds", "optimizer", "generator", "cpu_rng", "unet", "text_encoder", "ema_unet",
+                          "ema_text"}
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
     from minidiff.pipelines.base import DiffusionPipeline
@@ -275,7 +282,7 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b), name
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")  # b also logged its last step before the break
     assert a[0] == b[0] and a[-1] == b[-1] and len(b) == len(a) + 1
-    with pytest.raises(FileNotFoundError, match="training state"):
+    with pytest.raises(CommandError, match="expected a training state at .*, found no folder"):
         train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "c"), "--resume", *common), TINY_DDPM)
 
 
@@ -293,3 +300,129 @@ def test_command_line_names_its_commands(capsys):
 
     with pytest.raises(SystemExit, match="expected a COMMAND, found 'train'"):
         main(["train"])
+
+
+# --- nothing a user made is lost, no pickle executed ----------------------------------------------------
+def tree(folder) -> dict:
+    """{relative path: bytes} of every file under `folder`."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
+def test_rerunning_without_resume_keeps_the_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    train_ddpm.train(parse(train_ddpm, "--out", str(out), "--steps", "2", "--batch-size", "2"), TINY_DDPM)
+    earlier = tree(out)
+    assert {STATE_NAME, "loss_log.csv", "model_index.json", "unet/config.json"} <= set(earlier)
+    with pytest.raises(CommandError, match=r"already holds files \(loss_log.csv, model_index.json, scheduler, "
+                                           r"training_state.pt, unet\).*--resume.*--overwrite"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(out), "--steps", "2", "--batch-size", "2"), TINY_DDPM)
+    # The command: one line, exit status 2, before the 100,000 default images are drawn.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_ddpm.main(["--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"python -m minidiff.training ddpm: error: --out {out} already holds files")
+    assert tree(out) == earlier
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")           # any file, not only a run's
+    with pytest.raises(CommandError, match=r"already holds files \(notes.txt\)"):
+        train_vae.train(parse(train_vae, "--out", str(tmp_path / "mine")), TINY_VAE)
+
+
+def test_overwrite_replaces_only_the_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    train_ddpm.train(parse(train_ddpm, "--out", str(out), "--steps", "3", "--batch-size", "2"), TINY_DDPM)
+    (out / "notes.txt").write_text("a user's file")
+    (out / "vae").mkdir()                                                  # a stale part of another command's run
+    (out / "vae" / "config.json").write_text("{}")
+    capsys.readouterr()
+    train_ddpm.train(parse(train_ddpm, "--out", str(out), "--steps", "1", "--batch-size", "2", "--overwrite"),
+                     TINY_DDPM)
+    said = capsys.readouterr().out
+    assert f"--overwrite: removed the earlier run's loss_log.csv, model_index.json, scheduler, {STATE_NAME}, unet, " \
+           f"vae from {out} (kept notes.txt)" in said
+    assert sorted(os.listdir(out)) == ["loss_log.csv", "model_index.json", "notes.txt", "scheduler", STATE_NAME,
+                                       "unet"]
+    assert (out / "notes.txt").read_text() == "a user's file"
+    assert len(losses(out)) == 1                                           # a fresh log: only the new run's step
+    assert torch.load(out / STATE_NAME, weights_only=True)["step"] == 1
+
+
+def test_resume_and_overwrite_need_the_right_folder(tmp_path, trained_vae):
+    common = ("--steps", "1", "--batch-size", "2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CommandError, match="found an empty folder"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "empty"), "--resume", *common), TINY_DDPM)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(CommandError, match="is a file; expected a run folder"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "a-file"), *common), TINY_DDPM)
+    with pytest.raises(CommandError, match="--overwrite cannot go with it"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "x"), "--resume", "--overwrite", *common),
+                         TINY_DDPM)
+    with pytest.raises(CommandError, match="--init cannot go with it"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "x"), "--resume", "--init", str(tmp_path), *common),
+                         TINY_DDPM)
+    # --overwrite never removes what the run reads: here the VAE in --out's vae/.
+    vae_dir, _ = trained_vae
+    with pytest.raises(CommandError, match=r"--vae .* overlaps .*vae, which --overwrite would remove"):
+        train_sd.train(parse(train_sd, "--out", str(vae_dir), "--vae", str(vae_dir / "vae"), "--overwrite", *common),
+                       TINY_UNET, TINY_TEXT)
+    assert (vae_dir / "vae" / "config.json").is_file() and (vae_dir / STATE_NAME).is_file()
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1; found 0"),
+    (["--save-every", "0"], "--save-every must be >= 1; found 0"),
+    (["--ema-decay", "1.5"], r"--ema-decay must be in \[0, 1\]; found 1.5"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0; found nan"),
+    (["--steps", "-1"], "--steps must be >= 0; found -1"),
+    (["--init", "nowhere"], "--init nowhere: expected a folder, found nothing there"),
+    (["--device", "gpu"], "--device 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, argv, message):
+    with pytest.raises(CommandError, match=message):
+        train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "out"), *argv), TINY_DDPM)
+    assert not (tmp_path / "out").exists()
+
+
+class RunsCode:
+    """Pickled, this calls open(marker, "w") when a full unpickler reads it: code run by loading a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def test_resume_never_runs_code_from_a_crafted_state(tmp_path):
+    # The crafted file is real: a full unpickler (weights_only=False) runs its code.
+    control = tmp_path / "control.pt"
+    torch.save({"step": 1, "payload": RunsCode(tmp_path / "control-marker")}, control)
+    torch.load(control, weights_only=False)
+    assert (tmp_path / "control-marker").exists()
+
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"step": 1, "seconds": 0.0, "payload": RunsCode(tmp_path / "marker")}, out / STATE_NAME)
+    with pytest.raises(CommandError, match=rf"{out / STATE_NAME} is not a training state written by minidiff: it "
+                                           r"names io.open, beyond tensors and plain values, which could run code"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(out), "--resume", "--steps", "2", "--batch-size", "2"),
+                         TINY_DDPM)
+    assert not (tmp_path / "marker").exists()
+
+    (out / STATE_NAME).write_bytes(b"not a state")                              # a broken file: named too
+    with pytest.raises(CommandError, match=rf"{out / STATE_NAME} is not a readable training state"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(out), "--resume", "--steps", "2", "--batch-size", "2"),
+                         TINY_DDPM)
+    torch.save({"step": 1, "seconds": 0.0}, out / STATE_NAME)                    # safe, but not a whole state
+    with pytest.raises(CommandError, match=r"lacks \['optimizer', 'generator', 'cpu_rng', 'unet', 'ema'\]"):
+        train_ddpm.train(parse(train_ddpm, "--out", str(out), "--resume", "--steps", "2", "--batch-size", "2"),
+                         TINY_DDPM)

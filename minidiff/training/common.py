@@ -1,7 +1,12 @@
-"""What the three training scripts share: command-line options, device and precision, the data on the
-device, the EMA of the weights, the loss log, and saving / resuming a training state.
+"""What the three training scripts share: command-line options, device and precision, the run folder, the
+data on the device, the EMA of the weights, the loss log, and saving / resuming a training state.
 
 The training loops themselves are written out in `train_vae.py`, `train_ddpm.py` and `train_sd.py`.
+
+Nothing a user made is lost: a run folder (--out) that holds files is refused unless --resume (continue the
+run there) or --overwrite (remove the earlier run's files, named below, and keep every other file). A saved
+training state is read with `torch.load(weights_only=True)`: tensors and plain Python values only, so a
+crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -9,7 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import pickle
+import re
+import shutil
 import time
 
 import torch
@@ -19,10 +28,19 @@ from .shapes import render_all
 
 STATE_NAME = "training_state.pt"
 LOG_NAME = "loss_log.csv"
+# What a training command writes into its run folder: --overwrite removes these, and nothing else.
+RUN_OUTPUTS = (STATE_NAME, STATE_NAME + ".tmp", LOG_NAME, "model_index.json", "unet", "vae", "text_encoder",
+               "tokenizer", "scheduler")
+
+
+class CommandError(ValueError):
+    """Bad input to a training command (an argument, the run folder, a state file): `run_command` prints it as
+    one line and exits with status 2; raised before any work starts."""
 
 
 def add_common_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, lr: float) -> None:
-    parser.add_argument("--out", required=True, help="folder for the trained model, loss log and training state")
+    parser.add_argument("--out", required=True, help="folder for the trained model, loss log and training state: "
+                        "new or empty, unless --resume or --overwrite")
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--lr", type=float, default=lr, help="AdamW learning rate after the warm-up")
@@ -32,7 +50,10 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, batch_size: int
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when there is one), 'cpu', 'cuda', ...")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU); the weights stay float32")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="the saved model is this EMA of the weights")
-    parser.add_argument("--resume", action="store_true", help=f"continue from {STATE_NAME} in --out")
+    parser.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {STATE_NAME}")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"train into an --out that holds an earlier run: removes its {', '.join(RUN_OUTPUTS)} "
+                             "first (other files are kept)")
     parser.add_argument("--init", default=None, help="start from the weights of this pipeline folder (with a "
                         "fresh optimizer and EMA): to train on when the training state is gone")
     parser.add_argument("--save-every", type=int, default=2000, help="save the training state every N steps")
@@ -40,13 +61,93 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, batch_size: int
     parser.add_argument("--workers", type=int, default=1, help="processes that draw the data set")
 
 
+def run_command(parser: argparse.ArgumentParser, train, argv=None) -> None:
+    """Parse `argv` and `train(args)`; a CommandError ends the command with one line and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        train(args)
+    except CommandError as e:
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
+
+
+def check_args(args, inputs: dict[str, str | None]) -> None:
+    """The common options' values, and the input folders `inputs` ({"--vae": path or None, ...}) exist."""
+    rules = [("--steps", args.steps, args.steps >= 0, ">= 0"),  # 0: save the untrained model
+             ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+             ("--num-images", args.num_images, args.num_images >= 1, ">= 1"),
+             ("--lr", args.lr, math.isfinite(args.lr) and args.lr >= 0, "a finite number >= 0"),
+             ("--warmup", args.warmup, args.warmup >= 0, ">= 0"),
+             ("--ema-decay", args.ema_decay, 0 <= args.ema_decay <= 1, "in [0, 1]"),
+             ("--save-every", args.save_every, args.save_every >= 1, ">= 1"),
+             ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0, "> 0"),
+             ("--workers", args.workers, args.workers >= 1, ">= 1")]
+    for option, value, ok, expected in rules:
+        if not ok:
+            raise CommandError(f"{option} must be {expected}; found {value}.")
+    for option, path in inputs.items():
+        if path is not None and not os.path.isdir(path):
+            found = "a file" if os.path.exists(path) else "nothing"
+            raise CommandError(f"{option} {path}: expected a folder, found {found} there. Check the path.")
+    if args.resume and (args.overwrite or args.init):
+        other = "--overwrite" if args.overwrite else "--init"
+        raise CommandError(f"--resume continues the run in --out with its own weights and optimizer; {other} cannot "
+                           f"go with it. Drop one of them.")
+
+
+def prepare_run_folder(args, inputs: dict[str, str | None]) -> None:
+    """Check the arguments and --out before any work, then make --out (or, with --overwrite, empty it of the
+    earlier run's RUN_OUTPUTS). A folder that holds files is refused unless --resume or --overwrite."""
+    check_args(args, inputs)
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CommandError(f"--out {out} is a file; expected a run folder. Pass a folder path.")
+    present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if args.resume:
+        if STATE_NAME not in present:
+            found = "no folder" if not os.path.isdir(out) else f"only {present}" if present else "an empty folder"
+            raise CommandError(f"--resume: expected a training state at {os.path.join(out, STATE_NAME)}, found "
+                               f"{found}. Train without --resume first, or check --out.")
+        return
+    if present and not args.overwrite:
+        shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
+        raise CommandError(f"--out {out} already holds files ({shown}): training would replace that run. Pass "
+                           "--resume to continue it, --overwrite to replace it, or a new --out.")
+    earlier = [name for name in present if name in RUN_OUTPUTS]
+    for option, path in inputs.items():  # e.g. --vae runs/x/vae with --out runs/x: keep what this run reads
+        for name in earlier:
+            target = os.path.join(out, name)
+            if path is not None and (is_inside(path, target) or is_inside(target, path)):
+                raise CommandError(f"{option} {path} overlaps {target}, which --overwrite would remove. Move it "
+                                   "out of --out first, or pass another --out.")
+    for name in earlier:
+        target = os.path.join(out, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        else:
+            os.remove(target)
+    if earlier:
+        kept = [name for name in present if name not in RUN_OUTPUTS]
+        print(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {out}"
+              + (f" (kept {', '.join(kept)})" if kept else ""))
+    os.makedirs(out, exist_ok=True)
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies inside it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CommandError(f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({e}).") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU. Use --device cpu.")
+            raise CommandError(f"--device {name} was asked for, but torch sees no CUDA GPU. Use --device cpu.")
         torch.backends.cudnn.benchmark = True           # pick the fastest conv kernels for our fixed shapes
         torch.backends.cuda.matmul.allow_tf32 = True    # TF32 for what runs outside bf16 autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -111,9 +212,26 @@ def load_state(folder: str, modules: dict[str, nn.Module], optimizer, generator:
     """Restore a training state written by `save_state`; returns (step, seconds trained so far)."""
     path = os.path.join(folder, STATE_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: expected a training state at {path}, found none. "
-                                "Train without --resume first, or check --out.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        raise CommandError(f"--resume: expected a training state at {path}, found none. "
+                           "Train without --resume first, or check --out.")
+    try:
+        # weights_only=True: tensors, dicts, lists, numbers and strings only. A full unpickler would call any
+        # function the file names (pickle's __reduce__), i.e. run its code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # what a full unpickler would have called
+        if unsafe:
+            raise CommandError(f"{path} is not a training state written by minidiff: it names {unsafe.group(1)}, "
+                               "beyond tensors and plain values, which could run code, so it was not loaded. Delete "
+                               "it, or train anew (--overwrite).") from e
+        raise CommandError(f"{path} is not a readable training state ({type(e).__name__}: {e}). Delete it, or "
+                           "train anew (--overwrite).") from e  # a truncated or foreign file
+    expected = ["step", "seconds", "optimizer", "generator", "cpu_rng", *modules]
+    missing = [key for key in expected if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CommandError(f"{path} lacks {missing} of a training state for {list(modules)}; found "
+                           f"{sorted(state) if isinstance(state, dict) else type(state).__name__}. Was it written by "
+                           "another training command? Pass the right --out, or train anew (--overwrite).")
     for name, m in modules.items():
         m.load_state_dict(state[name])
     optimizer.load_state_dict(state["optimizer"])

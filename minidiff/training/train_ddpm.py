@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..schedulers.ddpm import DDPMScheduler
 from ..models.unet_2d import UNet2DModel
 from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
-                     save_state, warmup_lr, write_json)
+                     prepare_run_folder, run_command, save_state, warmup_lr, write_json)
 from .shapes import to_model_range
 
 RESOLUTION = 32
@@ -67,8 +67,9 @@ SCHEDULER_CONFIG = {
 def train(args, unet_config: dict = UNET_CONFIG) -> UNet2DModel:
     prediction_type = getattr(args, "prediction_type", "epsilon")
     device = pick_device(args.device)
+    # Before any work: an earlier run in --out is refused unless --resume or --overwrite.
+    prepare_run_folder(args, inputs={"--init": args.init})
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     images, _ = load_images(args, resolution=RESOLUTION, device=device)   # the captions are not used
 
     if args.init:
@@ -147,4 +148,4 @@ def main(argv=None) -> None:
     add_common_args(parser, steps=20_000, batch_size=128, lr=3e-4)
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
                         help="what the UNet predicts (see above); the scheduler config records it")
-    train(parser.parse_args(argv))
+    run_command(parser, train, argv)

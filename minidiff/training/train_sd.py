@@ -40,7 +40,7 @@ from ..schedulers.ddpm import DDPMScheduler
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
-                     save_state, warmup_lr, write_json)
+                     prepare_run_folder, run_command, save_state, warmup_lr, write_json)
 from .shapes import to_model_range
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
 
@@ -125,8 +125,9 @@ def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEX
     from transformers import CLIPTokenizer
 
     device = pick_device(args.device)
+    # Before any work: an earlier run in --out is refused unless --resume or --overwrite.
+    prepare_run_folder(args, inputs={"--vae": args.vae, "--init": args.init})
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
 
     # 1. the data set as latents of the frozen VAE + token ids of the tokenizer
     images, captions = load_images(args, resolution=64, device=device)
@@ -229,4 +230,4 @@ def main(argv=None) -> None:
     parser.add_argument("--vae", required=True, help="the trained VAE folder (vae/ in the output of the vae command)")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of captions replaced by ''")
     parser.add_argument("--freeze-text-encoder", action="store_true", help="keep the text encoder random")
-    train(parser.parse_args(argv))
+    run_command(parser, train, argv)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..models.vae import AutoencoderKL
 from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
-                     save_state, warmup_lr)
+                     prepare_run_folder, run_command, save_state, warmup_lr)
 from .shapes import to_model_range
 
 # SD v1's VAE config (block types, 4 latent channels, 3 downsamplings = factor 8) with narrow blocks.
@@ -67,8 +67,9 @@ def measure_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, generator: 
 
 def train(args, vae_config: dict = VAE_CONFIG) -> AutoencoderKL:
     device = pick_device(args.device)
+    # Before any work: an earlier run in --out is refused unless --resume or --overwrite.
+    prepare_run_folder(args, inputs={})
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     images, _ = load_images(args, resolution=64, device=device)
 
     vae = AutoencoderKL.from_config(vae_config).to(device).train()
@@ -133,4 +134,4 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, steps=6000, batch_size=64, lr=2e-4)
     parser.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
-    train(parser.parse_args(argv))
+    run_command(parser, train, argv)
