@@ -18,8 +18,10 @@ import json
 import math
 from pathlib import Path
 
+import diffusers
 import torch
 
+import minidiff
 from helpers import rel_err
 
 # --- the real checkpoint configs -------------------------------------------------------------------
@@ -66,6 +68,19 @@ def load_ddpm_cat_scheduler_config(reference_dir: Path) -> dict:
 def reference_configs(reference_dir: Path) -> dict[str, dict]:
     """{"sd": ..., "ddpm_cat": ...} read from the files; tests check they equal the dict spellings above."""
     return {"sd": load_sd_scheduler_config(reference_dir), "ddpm_cat": load_ddpm_cat_scheduler_config(reference_dir)}
+
+
+# Every minidiff scheduler and the diffusers class of the same name (the oracle).
+ALL_PAIRS = {
+    "ddpm": (minidiff.DDPMScheduler, diffusers.DDPMScheduler),
+    "ddim": (minidiff.DDIMScheduler, diffusers.DDIMScheduler),
+    "ddim_inverse": (minidiff.DDIMInverseScheduler, diffusers.DDIMInverseScheduler),
+    "pndm": (minidiff.PNDMScheduler, diffusers.PNDMScheduler),
+    "euler": (minidiff.EulerDiscreteScheduler, diffusers.EulerDiscreteScheduler),
+    "euler_a": (minidiff.EulerAncestralDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler),
+    "dpm": (minidiff.DPMSolverMultistepScheduler, diffusers.DPMSolverMultistepScheduler),
+    "unipc": (minidiff.UniPCMultistepScheduler, diffusers.UniPCMultistepScheduler),
+}
 
 
 # --- building both ----------------------------------------------------------------------------------

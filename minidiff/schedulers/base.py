@@ -19,7 +19,8 @@ Like diffusers, a scheduler's config remembers which values were *given* (by the
 overrides), unknown keys included, and `from_config(other.config)` passes on only those: SD's PNDM config
 leaves `timestep_spacing` at PNDM's default "leading", so `EulerDiscreteScheduler.from_config(pndm.config)`
 uses Euler's own default "linspace", while SD's explicit `clip_sample: false` (a key PNDM ignores)
-still reaches a DDIM scheduler built from it. See `given_values`.
+still reaches a DDIM scheduler built from it. See `given_values`. The config is a frozen dataclass that is
+also a read-only dict, so that diffusers' schedulers can be built from it too (see config.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 from ..core.config import config_from_dict, config_to_dict, read_json
 from ..core.hub import resolve_file
+from .config import given_values
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -95,20 +97,6 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timeste
     raise ValueError(f"Unknown timestep_spacing {timestep_spacing!r}; expected 'linspace', 'leading' or 'trailing'.")
 
 
-def given_values(config) -> dict:
-    """The values a config states explicitly: a dict (a `scheduler_config.json`, or a diffusers scheduler's
-    `.config`, whose `_use_default_values` lists the keys it left at defaults), or a minidiff scheduler's
-    `.config`, which remembers what it was given (see `SchedulerBase.__init__`)."""
-    if dataclasses.is_dataclass(config):
-        given = getattr(config, "_given", None)
-        return dict(given) if given is not None else dataclasses.asdict(config)
-    if isinstance(config, dict):
-        defaults = set(config.get("_use_default_values", ()))
-        return {k: v for k, v in config.items() if not k.startswith("_") and k not in defaults}
-    raise TypeError(f"from_config expects a dict or a scheduler's .config, found {type(config).__name__}.")
-
-
-
 def x0_and_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t):
     """x_t and the model's output at t -> (x̂_0, ε), each (B, C, H, W), whatever the model predicts.
 
@@ -167,7 +155,7 @@ class SchedulerBase:
     # --- building ---------------------------------------------------------------------------------
     def remember_given(self, values: dict) -> None:
         """Keep the explicitly given values on the (frozen) config, for `from_config` of another scheduler."""
-        object.__setattr__(self.config, "_given", {k: v for k, v in values.items() if not k.startswith("_")})
+        self.config.set_given({k: v for k, v in values.items() if not k.startswith("_")})
 
     @classmethod
     def from_config(cls, config, **overrides):
@@ -189,13 +177,24 @@ class SchedulerBase:
                             local_files_only=local_files_only)
         return cls.from_config(read_json(path), **overrides)
 
-    def save_pretrained(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
+    def save_config(self, folder: str) -> None:
+        """Write `folder/scheduler_config.json` (the folder is made if missing), as diffusers' save_config does:
+        every value of the config, and the given keys this scheduler ignores (SD's clip_sample on PNDM), so
+        that a scheduler built from the file later gets them too."""
+        if os.path.isfile(folder):
+            raise NotADirectoryError(f"save_config writes {SCHEDULER_CONFIG_NAME} into a folder; {folder} is a file. "
+                                     "Pass the folder to write it in.")
         values = config_to_dict(self.config, type(self).__name__)
-        # keys this scheduler ignores but was given (SD's clip_sample on PNDM) are saved too, as diffusers does
         values.update({k: v for k, v in given_values(self.config).items() if k not in values})
+        # Serialised before the file is opened: a value JSON cannot hold leaves no half-written file.
+        text = json.dumps(values, indent=2)
+        os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, SCHEDULER_CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(values, f, indent=2)
+            f.write(text)
+
+    def save_pretrained(self, folder: str) -> None:
+        """A scheduler has no weights: saving it is saving its config, as in diffusers."""
+        self.save_config(folder)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -203,7 +202,8 @@ class SchedulerBase:
     # --- checks shared by every scheduler -----------------------------------------------------------
     def check_num_inference_steps(self, num_inference_steps: int) -> None:
         T = self.config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
+        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+                or not 1 <= num_inference_steps <= T):
             raise ValueError(
                 f"num_inference_steps must be an int between 1 and num_train_timesteps={T}; "
                 f"found {num_inference_steps!r}."
@@ -219,6 +219,18 @@ class SchedulerBase:
                 f"{int(timesteps.min())} to {int(timesteps.max())}, outside the trained range [0, {T - 1}]. "
                 "Use fewer steps or another timestep_spacing (e.g. 'trailing')."
             )
+
+    def check_train_timesteps(self, timesteps) -> None:
+        """add_noise indexes ᾱ_t by t: each t must be a whole number in [0, T-1] (a negative one would wrap
+        around to the noisiest steps, a fraction would be truncated)."""
+        T = self.config.num_train_timesteps
+        t = torch.as_tensor(timesteps)
+        whole = not t.is_floating_point() or bool((t == t.round()).all())
+        if t.dtype == torch.bool or not whole or bool((t < 0).any()) or bool((t > T - 1).any()):
+            shown = t.reshape(-1)[:6].tolist()
+            raise ValueError(f"add_noise takes training timesteps, whole numbers in [0, {T - 1}]; found {shown}. "
+                             "Draw them with torch.randint(0, num_train_timesteps, (B,)) or take them from "
+                             "scheduler.timesteps.")
 
     def step_index_of(self, timestep) -> int:
         """The index of `timestep` in `self.timesteps`, or a clear error."""
@@ -236,6 +248,7 @@ class SchedulerBase:
     # --- the forward process q(x_t | x_0), for training and image-to-image -------------------------
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (Ho et al. 2020, eq. 4). x_0, ε: (B, ...), t: (B,)."""
+        self.check_train_timesteps(timesteps)
         alpha_bar = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
         timesteps = torch.as_tensor(timesteps, device=original_samples.device).long().reshape(-1)
         alpha_bar_t = alpha_bar[timesteps]                                         # (B,)

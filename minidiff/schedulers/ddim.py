@@ -25,10 +25,11 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps, x0_and_eps
+from .config import SchedulerConfig
 
 
 @dataclass(frozen=True)
-class DDIMSchedulerConfig:
+class DDIMSchedulerConfig(SchedulerConfig):
     """The keys of a DDIM `scheduler_config.json`, with diffusers' defaults."""
 
     num_train_timesteps: int = 1000
@@ -94,6 +95,8 @@ class DDIMScheduler(SchedulerBase):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              generator: torch.Generator | list[torch.Generator] | None = None) -> SchedulerOutput:
         """x_t -> x_{t-1}. model_output, sample: (B, C, H, W); timestep: a value of `self.timesteps`."""
+        if not (isinstance(eta, (int, float)) and 0 <= eta):   # σ_t(η) of eq. 16 is a standard deviation
+            raise ValueError(f"eta must be a number >= 0 (0: DDIM, 1: DDPM's posterior noise), found {eta!r}.")
         # 1. previous timestep: t - T // n. This is diffusers' rule (exact for "leading" spacing, and for
         #    "trailing" when n divides T); kept so that minidiff and diffusers give the same images.
         self.step_index_of(timestep)  # a clear error for a timestep outside the schedule

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps
+from .config import SchedulerConfig
 from .ddim import predict_x0_and_eps
 
 
 @dataclass(frozen=True)
-class DDIMInverseSchedulerConfig:
+class DDIMInverseSchedulerConfig(SchedulerConfig):
     """The keys of a DDIM inverse `scheduler_config.json`, with diffusers' defaults."""
 
     num_train_timesteps: int = 1000

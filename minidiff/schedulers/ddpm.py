@@ -23,10 +23,11 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps, x0_and_eps
+from .config import SchedulerConfig
 
 
 @dataclass(frozen=True)
-class DDPMSchedulerConfig:
+class DDPMSchedulerConfig(SchedulerConfig):
     """The keys of a DDPM `scheduler_config.json` (e.g. google/ddpm-cat-256), with diffusers' defaults."""
 
     num_train_timesteps: int = 1000

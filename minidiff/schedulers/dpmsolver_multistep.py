@@ -34,14 +34,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .base import SchedulerOutput, given_values
+from .base import SchedulerOutput
+from .config import SchedulerConfig, given_values
 from .multistep import MultistepScheduler, multistep_timesteps
 from .sigmas import alpha_sigma_lambda, karras_sigmas, sigma_to_t, train_sigmas
 
 
 # --- DPM-Solver++ ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DPMSolverMultistepSchedulerConfig:
+class DPMSolverMultistepSchedulerConfig(SchedulerConfig):
     """The keys of a `DPMSolverMultistepScheduler` scheduler_config.json, with diffusers' defaults."""
 
     num_train_timesteps: int = 1000

@@ -27,11 +27,12 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps
+from .config import SchedulerConfig
 from .sigmas import karras_sigmas, sigma_to_t, sigmas_at, train_sigmas
 
 
 @dataclass(frozen=True)
-class EulerDiscreteSchedulerConfig:
+class EulerDiscreteSchedulerConfig(SchedulerConfig):
     """The keys of an Euler `scheduler_config.json`, with diffusers' defaults."""
 
     num_train_timesteps: int = 1000

@@ -26,12 +26,13 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import SchedulerOutput, spaced_timesteps
+from .config import SchedulerConfig
 from .euler import EulerDiscreteScheduler
 from .sigmas import sigmas_at
 
 
 @dataclass(frozen=True)
-class EulerAncestralDiscreteSchedulerConfig:
+class EulerAncestralDiscreteSchedulerConfig(SchedulerConfig):
     """The keys of an Euler-ancestral `scheduler_config.json`, with diffusers' defaults."""
 
     num_train_timesteps: int = 1000

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from .base import SchedulerBase, SchedulerOutput, spaced_timesteps
+from .config import SchedulerConfig
 
 
 @dataclass(frozen=True)
-class PNDMSchedulerConfig:
+class PNDMSchedulerConfig(SchedulerConfig):
     """The keys of a PNDM `scheduler_config.json` (e.g. CompVis/stable-diffusion-v1-4), diffusers' defaults."""
 
     num_train_timesteps: int = 1000
