@@ -412,6 +412,12 @@ def test_safety_checker_arguments_are_accepted(sd):
         img = minidiff.StableDiffusionImg2ImgPipeline(**parts, safety_checker=None, feature_extractor=None,
                                                       requires_safety_checker=True, image_encoder=None)
     assert pipe.components == img.components == parts
+    for cls in (minidiff.StableDiffusionDiffEditPipeline, minidiff.StableDiffusionModelEditingPipeline,
+                minidiff.StableDiffusionSAGPipeline, minidiff.StableDiffusionInpaintPipeline):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            other = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        assert all(other.components[name] is part for name, part in parts.items())
     plain = quiet(minidiff.StableDiffusionPipeline(**parts))("a cat", generator=gen(0), output_type="np", **STEPS)
     same = quiet(pipe)("a cat", generator=gen(0), output_type="np", **STEPS)
     np.testing.assert_array_equal(plain.images, same.images)

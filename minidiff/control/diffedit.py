@@ -49,8 +49,11 @@ class StableDiffusionDiffEditPipeline(StableDiffusionPipeline):
     """Mask-guided editing; loads from a Stable Diffusion folder. Set `pipe.scheduler` to DDIM (the paper's
     sampler); `pipe.inverse_scheduler` defaults to DDIMInverseScheduler.from_config(scheduler.config)."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, inverse_scheduler=None):
-        super().__init__(vae, text_encoder, tokenizer, unet, scheduler)
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, inverse_scheduler=None, safety_checker=None,
+                 feature_extractor=None, requires_safety_checker: bool = False):
+        # The last three as in diffusers' constructor; see StableDiffusionPipeline.__init__.
+        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
+                         requires_safety_checker)
         if inverse_scheduler is None:
             inverse_scheduler = DDIMInverseScheduler.from_config(scheduler.config)
         self.inverse_scheduler = inverse_scheduler

@@ -71,8 +71,11 @@ class StableDiffusionModelEditingPipeline(StableDiffusionPipeline):
     projections. Generation itself is StableDiffusionPipeline's."""
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, with_to_k: bool = True,
-                 with_augs=AUGMENTATIONS):
-        super().__init__(vae, text_encoder, tokenizer, unet, scheduler)
+                 with_augs=AUGMENTATIONS, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker: bool = False):
+        # The last three as in diffusers' constructor; see StableDiffusionPipeline.__init__.
+        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
+                         requires_safety_checker)
         self.with_to_k = with_to_k          # edit W_K as well as W_V (the paper edits both)
         self.with_augs = list(with_augs)    # [] for no augmentation
         self.original_weights = None        # {name: weight} of every edited projection, kept at the first edit
