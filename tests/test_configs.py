@@ -163,6 +163,14 @@ def test_two_unsupported_values_are_named_together():
         minidiff.UNet2DConditionConfig(act_fn="gelu", conv_in_kernel=7)
 
 
+def test_from_config_of_another_models_config_is_refused():
+    with pytest.raises(TypeError, match=r"UNet2DModel.from_config expected a dict of config values or a UNet2DConfig, "
+                                        r"found AutoencoderKLConfig\. Pass the dict of a config.json"):
+        minidiff.UNet2DModel.from_config(minidiff.AutoencoderKLConfig(**BASES["AutoencoderKL"]))
+    config = minidiff.UNet2DConfig(**BASES["UNet2DModel"])
+    assert minidiff.UNet2DModel.from_config(config).config is config      # a config dataclass is used as it is
+
+
 def test_unknown_key_is_refused_from_a_dict():
     for name, config in BASES.items():
         with pytest.raises(ValueError, match=r"does not implement the config key\(s\) \['not_a_key'\]"):

@@ -117,7 +117,11 @@ class PretrainedModel(nn.Module):
         """A model with random weights from a config dict (as in `config.json`) or a config dataclass."""
         if isinstance(config, dict):
             config = config_from_dict(cls.config_class, config, strict=True, source=f"{cls.__name__} config")
-        return cls(config)
+        elif not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.__name__}.from_config expected a dict of config values or a "
+                            f"{cls.config_class.__name__}, found {type(config).__name__}. Pass the dict of a "
+                            f"config.json, or the .config of a {cls.__name__}.")
+        return cls(config)                                   # the config dataclass checked itself when made
 
     @classmethod
     def from_pretrained(
