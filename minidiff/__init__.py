@@ -9,6 +9,8 @@ from .models.unet_2d import UNet2DConfig, UNet2DModel, UNet2DOutput
 from .models.vae import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
 
 from .models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel, UNet2DConditionOutput
+from .models.controlnet import ControlNetConfig, ControlNetModel, ControlNetOutput, MultiControlNetModel
+from .models.t2i_adapter import MultiAdapter, T2IAdapter, T2IAdapterConfig
 
 from .schedulers.ddim import DDIMScheduler
 from .schedulers.ddim_inverse import DDIMInverseScheduler
@@ -26,5 +28,6 @@ from .control import (SemanticStableDiffusionPipeline, StableDiffusionAttendAndE
                       StableDiffusionDiffEditPipeline, StableDiffusionInpaintPipeline, StableDiffusionModelEditingPipeline,
                       StableDiffusionPanoramaPipeline, StableDiffusionPix2PixZeroPipeline,
                       StableDiffusionPromptWeightingPipeline, StableDiffusionSAGPipeline)
+from .control import StableDiffusionAdapterPipeline, StableDiffusionControlNetPipeline
 
 from . import checkpoints  # minidiff.checkpoints.TINY_SD / TINY_DDPM: the bundled folders

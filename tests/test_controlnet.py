@@ -3,14 +3,19 @@ its errors, and StableDiffusionControlNetPipeline against diffusers' on a small 
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import ControlNetModel as RefControlNet
 from diffusers import UNet2DConditionModel as RefUNet
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel as RefMulti
 
-from helpers import randomize_, rel_err
+import minidiff
+from fake_checkpoints import make_fake_sd
+from helpers import gen, gens, load_diffusers, load_minidiff, max_pixel_diff, quiet, randomize_, rel_err
 from minidiff import UNet2DConditionModel
+from minidiff.control.controlnet import StableDiffusionControlNetPipeline
 from minidiff.models.controlnet import ControlNetModel, MultiControlNetModel, check_controlnet_fits_unet
 from minidiff.models.modeling import load_strict
 
@@ -220,3 +225,178 @@ def test_a_controlnet_for_another_unet_is_refused(tmp_path):
         controlnet = ControlNetModel.from_config({**SMALL, **change})
         with pytest.raises(ValueError, match=f"built for another UNet: {next(iter(change))}"):
             check_controlnet_fits_unet(controlnet, unet)
+
+
+# --- StableDiffusionControlNetPipeline against diffusers' on a small random SD model --------------------------------
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory, reference_dir):
+    """A small CompVis/stable-diffusion-v1-4 look-alike (64x64 pixels, every weight random) and two ControlNets for
+    its UNet (diffusers' from_unet, then every weight random, zero convolutions included)."""
+    root = tmp_path_factory.mktemp("controlnet_sd")
+    make_fake_sd(root / "sd", reference_dir)
+    unet = RefUNet.from_pretrained(root / "sd" / "unet")
+    for k in range(2):
+        randomize_(RefControlNet.from_unet(unet), seed=10 + k).save_pretrained(root / f"controlnet_{k}")
+    return root
+
+
+def controlnets(root, k=None):
+    """(minidiff's, diffusers') ControlNet k, or lists of both when k is None."""
+    if k is None:
+        pairs = [controlnets(root, k) for k in range(2)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    return (ControlNetModel.from_pretrained(root / f"controlnet_{k}"),
+            RefControlNet.from_pretrained(root / f"controlnet_{k}").eval())
+
+
+def condition(seed, size=64, mode="RGB"):
+    """A random condition image: every pixel matters to the ControlNet, which a flat one would hide."""
+    channels = 3 if mode == "RGB" else 1
+    pixels = (np.random.RandomState(seed).rand(size, size, channels) * 255).astype(np.uint8)
+    return Image.fromarray(pixels if channels == 3 else pixels[..., 0], mode=mode)
+
+
+@pytest.fixture(scope="module")
+def pipes(sd_folder):
+    ours, theirs = controlnets(sd_folder, 0)
+    return (load_minidiff(StableDiffusionControlNetPipeline, str(sd_folder / "sd"), controlnet=ours),
+            load_diffusers("StableDiffusionControlNetPipeline", str(sd_folder / "sd"), controlnet=theirs))
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(controlnet_conditioning_scale=0.5),
+    dict(guess_mode=True, guidance_scale=5.0),
+    dict(guess_mode=True, guidance_scale=1.0),
+    dict(control_guidance_start=0.25, control_guidance_end=0.75),
+    dict(control_guidance_start=0.5),
+    dict(prompt=["a red circle", "a blue square"], image=[condition(1), condition(2)], num_images_per_prompt=2,
+         generator=gens(0, 1, 2, 3)),
+    dict(negative_prompt="a green triangle", output_type="pil"),
+], ids=["plain", "scale", "guess-mode", "guess-mode-no-cfg", "start-end", "start", "batch", "negative-pil"])
+def test_pipeline_parity(pipes, options):
+    ours, theirs = pipes
+    call = dict(prompt="a red circle", image=condition(0), num_inference_steps=STEPS, generator=gen(0),
+                output_type="np")
+    call.update(options)
+    if isinstance(call["generator"], list):
+        theirs_gen = gens(*range(len(call["generator"])))
+    else:
+        theirs_gen = gen(0)
+    a = ours(**call).images
+    b = theirs(**{**call, "generator": theirs_gen}).images
+    diff = max_pixel_diff(a, b)
+    print(f"ControlNet pipeline {options}: max pixel difference {diff:.2e}")
+    assert diff <= 1 / 255
+
+
+def test_multi_controlnet_pipeline_parity(sd_folder):
+    ours_nets, their_nets = controlnets(sd_folder)
+    ours = load_minidiff(StableDiffusionControlNetPipeline, str(sd_folder / "sd"), controlnet=ours_nets)
+    theirs = load_diffusers("StableDiffusionControlNetPipeline", str(sd_folder / "sd"), controlnet=their_nets)
+    call = dict(prompt="a red circle", image=[condition(0), condition(1)], num_inference_steps=STEPS,
+                output_type="np", controlnet_conditioning_scale=[0.7, 1.3], control_guidance_start=[0.0, 0.5],
+                control_guidance_end=[0.75, 1.0])
+    a, b = ours(**call, generator=gen(0)).images, theirs(**call, generator=gen(0)).images
+    diff = max_pixel_diff(a, b)
+    print(f"two ControlNets: max pixel difference {diff:.2e}")
+    assert diff <= 1 / 255
+    # the second net, which acts from step 2 on, changes the image
+    alone = ours(**{**call, "controlnet_conditioning_scale": [0.7, 0.0]}, generator=gen(0)).images
+    assert max_pixel_diff(a, alone) > 0.01
+
+
+def test_the_control_acts_and_vanishes_at_scale_zero(pipes):
+    ours, _ = pipes
+    call = dict(prompt="a red circle", image=condition(0), num_inference_steps=STEPS, output_type="np")
+    controlled = ours(**call, generator=gen(0)).images
+    off = ours(**call, controlnet_conditioning_scale=0.0, generator=gen(0)).images
+    plain = quiet(minidiff.StableDiffusionPipeline(ours.vae, ours.text_encoder, ours.tokenizer, ours.unet,
+                                                   ours.scheduler))
+    assert max_pixel_diff(controlled, off) > 0.01
+    assert max_pixel_diff(off, plain("a red circle", num_inference_steps=STEPS, output_type="np",
+                                     generator=gen(0)).images) < 1e-6
+
+
+def test_intermediates_and_callback(pipes):
+    ours, _ = pipes
+    seen = []
+    out = ours("a red circle", image=condition(0), num_inference_steps=STEPS, output_type="latent", generator=gen(0),
+               return_intermediates=True, callback=lambda i, t, latents, x0: seen.append(i))
+    steps = len(ours.scheduler.timesteps)                 # PNDM: one more than num_inference_steps
+    assert seen == list(range(steps)) and len(out.intermediates.latents) == steps >= STEPS
+    assert torch.equal(out.intermediates.latents[-1], out.images)
+
+
+def test_loads_a_controlnet_pipeline_folder(pipes, tmp_path):
+    """A folder saved by diffusers' StableDiffusionControlNetPipeline names controlnet = ControlNetModel."""
+    _, theirs = pipes
+    theirs.save_pretrained(tmp_path)
+    pipe = load_minidiff(minidiff.DiffusionPipeline, str(tmp_path))
+    assert type(pipe).__name__ == "StableDiffusionControlNetPipeline"
+    assert isinstance(pipe.controlnet, ControlNetModel)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(image=None), "needs image="),
+    (dict(image=condition(0, mode="L")), None),                                      # PIL "L" is converted to RGB
+    (dict(image=torch.rand(1, 64, 64)), r"image has 1 channel\(s\), the model reads 3"),
+    (dict(image=condition(0, size=48), height=64), r"image is 48x48 .* the images to generate are 64x48"),
+    (dict(image=condition(0, size=60)), r"multiples of 8"),
+    (dict(image=condition(0, size=48), height=64, width=64), r"Resize the condition image to 64x64"),
+    (dict(image=torch.rand(1, 3, 64, 64) * 255), r"read in \[0, 1\]"),
+    (dict(image=[condition(0), condition(1), condition(2)]), "3 condition images for 1 prompt"),
+    (dict(control_guidance_start=0.6, control_guidance_end=0.6), "control_guidance_start must be < control_guidance_end"),
+    (dict(control_guidance_end=1.5), "control_guidance_start must be < control_guidance_end"),
+    (dict(controlnet_conditioning_scale=[0.5, 0.5]), "controlnet_conditioning_scale has 2 values for 1 ControlNet"),
+    (dict(control_guidance_start=[0.0, 0.1]), "control_guidance_start has 2 values for 1 ControlNet"),
+])
+def test_bad_inputs_are_refused_before_any_work(pipes, call, message):
+    ours, _ = pipes
+    calls = []
+    hook = ours.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    hook_text = ours.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        arguments = {**dict(prompt="a red circle", image=condition(0), num_inference_steps=1, output_type="latent"),
+                     **call}
+        if message is None:
+            ours(**arguments)
+            assert calls
+        else:
+            with pytest.raises((ValueError, TypeError), match=message):
+                ours(**arguments)
+            assert not calls, "the error came after the pipeline had started working"
+    finally:
+        hook.remove()
+        hook_text.remove()
+
+
+def test_mismatched_lists_of_controlnets_are_refused(sd_folder):
+    ours_nets, _ = controlnets(sd_folder)
+    pipe = load_minidiff(StableDiffusionControlNetPipeline, str(sd_folder / "sd"), controlnet=ours_nets)
+    base = dict(prompt="a red circle", num_inference_steps=1, output_type="latent")
+    with pytest.raises(ValueError, match="With 2 ControlNets, image must be a list of 2 conditions"):
+        pipe(**base, image=condition(0))
+    with pytest.raises(ValueError, match="found a list of 3"):
+        pipe(**base, image=[condition(0)] * 3)
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale has 3 values for 2 ControlNet"):
+        pipe(**base, image=[condition(0)] * 2, controlnet_conditioning_scale=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="control_guidance_end has 1 values for 2 ControlNet"):
+        pipe(**base, image=[condition(0)] * 2, control_guidance_end=[0.5])
+
+
+def test_a_controlnet_for_another_unet_is_refused_by_the_pipeline(pipes):
+    ours, _ = pipes
+    other = ControlNetModel.from_config(dict(CANNY_CONFIG, block_out_channels=[32, 32, 64, 64], norm_num_groups=32,
+                                             cross_attention_dim=48))
+    with pytest.raises(ValueError, match="controlnet was built for another UNet: cross_attention_dim"):
+        StableDiffusionControlNetPipeline(ours.vae, ours.text_encoder, ours.tokenizer, ours.unet, other, ours.scheduler)
+    with pytest.raises(ValueError, match=r"controlnet\[1\] was built for another UNet"):
+        StableDiffusionControlNetPipeline(ours.vae, ours.text_encoder, ours.tokenizer, ours.unet,
+                                          [ours.controlnet, other], ours.scheduler)
+    narrow = ControlNetModel.from_unet(ours.unet, conditioning_embedding_out_channels=(16, 32))
+    with pytest.raises(ValueError, match="shrinks its condition image 2x, the VAE 8x"):
+        StableDiffusionControlNetPipeline(ours.vae, ours.text_encoder, ours.tokenizer, ours.unet, narrow, ours.scheduler)

@@ -1,14 +1,19 @@
 """T2IAdapter against diffusers' with every weight random, its loading (TencentARC's pickled .bin, safetensors), the
 UNet's down_intrablock_additional_residuals, and StableDiffusionAdapterPipeline against diffusers'."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import MultiAdapter as RefMultiAdapter
 from diffusers import T2IAdapter as RefAdapter
 from diffusers import UNet2DConditionModel as RefUNet
 
-from helpers import randomize_, rel_err
+import minidiff
+from fake_checkpoints import make_fake_sd
+from helpers import gen, gens, load_diffusers, load_minidiff, max_pixel_diff, quiet, randomize_, rel_err
 from minidiff import UNet2DConditionModel
+from minidiff.control.t2i_adapter import StableDiffusionAdapterPipeline
 from minidiff.models.modeling import load_strict
 from minidiff.models.t2i_adapter import MultiAdapter, T2IAdapter
 
@@ -123,3 +128,138 @@ def test_bad_inputs_are_refused():
     light = T2IAdapter.from_config(SMALL_LIGHT)
     with pytest.raises(ValueError, match="shrink the image the same way"):
         MultiAdapter([adapter, light])
+
+
+# --- StableDiffusionAdapterPipeline against diffusers' on a small random SD model ------------------------------------
+STEPS = 4
+TINY_UNET_WIDTHS = [32, 32, 64, 64]   # tests/fake_checkpoints.TINY_SD_UNET
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory, reference_dir):
+    """A small SD v1 look-alike (64x64 pixels, every weight random) and two adapters for its UNet, saved as
+    TencentARC's are (config.json + a pickled .bin): a 1-channel full adapter and a 3-channel light adapter."""
+    root = tmp_path_factory.mktemp("adapter_sd")
+    make_fake_sd(root / "sd", reference_dir)
+    randomize_(RefAdapter(in_channels=1, channels=TINY_UNET_WIDTHS, num_res_blocks=2, downscale_factor=8),
+               seed=20).save_pretrained(root / "adapter_0", safe_serialization=False)
+    randomize_(RefAdapter(in_channels=3, channels=TINY_UNET_WIDTHS[:3], num_res_blocks=2, downscale_factor=8,
+                          adapter_type="light_adapter"), seed=21).save_pretrained(root / "adapter_1",
+                                                                                   safe_serialization=False)
+    return root
+
+
+def adapters(root, k):
+    return T2IAdapter.from_pretrained(root / f"adapter_{k}"), RefAdapter.from_pretrained(root / f"adapter_{k}").eval()
+
+
+def condition(seed, size=64, mode="L"):
+    channels = 3 if mode == "RGB" else 1
+    pixels = (np.random.RandomState(seed).rand(size, size, channels) * 255).astype(np.uint8)
+    return Image.fromarray(pixels if channels == 3 else pixels[..., 0], mode=mode)
+
+
+@pytest.fixture(scope="module")
+def pipes(sd_folder):
+    ours, theirs = adapters(sd_folder, 0)
+    return (load_minidiff(StableDiffusionAdapterPipeline, str(sd_folder / "sd"), adapter=ours),
+            load_diffusers("StableDiffusionAdapterPipeline", str(sd_folder / "sd"), adapter=theirs))
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(adapter_conditioning_scale=0.4),
+    dict(guidance_scale=1.0),
+    dict(image=torch.rand(1, 1, 64, 64)),
+    dict(num_images_per_prompt=2, generator=gens(0, 1)),
+    dict(negative_prompt="a green triangle", output_type="pil"),
+], ids=["plain", "scale", "no-cfg", "tensor", "two-images", "negative-pil"])
+def test_pipeline_parity(pipes, options):
+    ours, theirs = pipes
+    call = dict(prompt="a red circle", image=condition(0), num_inference_steps=STEPS, generator=gen(0),
+                output_type="np")
+    call.update(options)
+    theirs_gen = gens(0, 1) if isinstance(call["generator"], list) else gen(0)
+    a = ours(**call).images
+    b = theirs(**{**call, "generator": theirs_gen}).images
+    diff = max_pixel_diff(a, b)
+    print(f"adapter pipeline {options}: max pixel difference {diff:.2e}")
+    assert diff <= 1 / 255
+
+
+def test_two_adapters_parity(sd_folder):
+    (a0, r0), (a1, r1) = adapters(sd_folder, 0), adapters(sd_folder, 1)
+    ours = load_minidiff(StableDiffusionAdapterPipeline, str(sd_folder / "sd"), adapter=[a0, a1])
+    theirs = load_diffusers("StableDiffusionAdapterPipeline", str(sd_folder / "sd"), adapter=RefMultiAdapter([r0, r1]))
+    call = dict(prompt="a red circle", image=[condition(0), condition(1, mode="RGB")], num_inference_steps=STEPS,
+                output_type="np", adapter_conditioning_scale=[0.7, 1.3])
+    a, b = ours(**call, generator=gen(0)).images, theirs(**call, generator=gen(0)).images
+    diff = max_pixel_diff(a, b)
+    print(f"two adapters: max pixel difference {diff:.2e}")
+    assert diff <= 1 / 255
+    alone = ours(**{**call, "adapter_conditioning_scale": [0.7, 0.0]}, generator=gen(0)).images
+    assert max_pixel_diff(a, alone) > 0.01                         # the second adapter changes the image
+
+
+def test_the_adapter_acts_once_and_vanishes_at_scale_zero(pipes):
+    ours, _ = pipes
+    runs = []
+    hook = ours.adapter.register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        call = dict(prompt="a red circle", image=condition(0), num_inference_steps=STEPS, output_type="np")
+        steered = ours(**call, generator=gen(0)).images
+        assert len(runs) == 1                                      # once per call, not once per step
+        off = ours(**call, adapter_conditioning_scale=0.0, generator=gen(0)).images
+    finally:
+        hook.remove()
+    plain = quiet(minidiff.StableDiffusionPipeline(ours.vae, ours.text_encoder, ours.tokenizer, ours.unet,
+                                                   ours.scheduler))
+    assert max_pixel_diff(steered, off) > 0.01
+    assert max_pixel_diff(off, plain("a red circle", num_inference_steps=STEPS, output_type="np",
+                                     generator=gen(0)).images) < 1e-6
+
+
+def test_intermediates_and_callback(pipes):
+    ours, _ = pipes
+    seen = []
+    out = ours("a red circle", image=condition(0), num_inference_steps=STEPS, output_type="latent", generator=gen(0),
+               return_intermediates=True, callback=lambda i, t, latents, x0: seen.append(i))
+    steps = len(ours.scheduler.timesteps)
+    assert seen == list(range(steps)) and torch.equal(out.intermediates.latents[-1], out.images)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(image=None), "needs image="),
+    (dict(image=condition(0, mode="RGB")), r"image has 3 channel\(s\), the model reads 1.*convert\('L'\)"),
+    (dict(image=condition(0, size=48), height=64), r"image is 48x48 .* the images to generate are 64x48"),
+    (dict(image=[condition(0)] * 2), "2 condition images for 1 prompt"),
+    (dict(adapter_conditioning_scale=[0.5, 0.5]), "adapter_conditioning_scale must be one number"),
+])
+def test_bad_inputs_are_refused_before_any_work(pipes, call, message):
+    ours, _ = pipes
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in (ours.unet, ours.text_encoder, ours.adapter)]
+    try:
+        with pytest.raises((ValueError, TypeError), match=message):
+            ours(**{**dict(prompt="a red circle", image=condition(0), num_inference_steps=1, output_type="latent"),
+                    **call})
+        assert not calls, "the error came after the pipeline had started working"
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_mismatched_adapters_are_refused(sd_folder, pipes):
+    ours, _ = pipes
+    (a0, _), (a1, _) = adapters(sd_folder, 0), adapters(sd_folder, 1)
+    pipe = StableDiffusionAdapterPipeline(ours.vae, ours.text_encoder, ours.tokenizer, ours.unet, [a0, a1],
+                                          ours.scheduler)
+    with pytest.raises(ValueError, match="With 2 adapters, image must be a list of 2 conditions"):
+        pipe("a red circle", image=condition(0), num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"one number per adapter \(2\)"):
+        pipe("a red circle", image=[condition(0), condition(1, mode="RGB")], num_inference_steps=1,
+             adapter_conditioning_scale=[1.0])
+    sd21_widths = T2IAdapter.from_config(dict(SD15_FULL_ADAPTER, in_channels=1))
+    with pytest.raises(ValueError, match="adapter was built for another UNet"):
+        StableDiffusionAdapterPipeline(ours.vae, ours.text_encoder, ours.tokenizer, ours.unet, sd21_widths,
+                                       ours.scheduler)

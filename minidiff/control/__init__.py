@@ -13,7 +13,10 @@
 | `diffedit.py`          | DiffEdit (Couairon et al. 2022)                           | `StableDiffusionDiffEditPipeline`         |
 | `pix2pix_zero.py`      | Pix2Pix-Zero (Parmar et al. 2023)                         | `StableDiffusionPix2PixZeroPipeline`      |
 | `model_editing.py`     | TIME, text-to-image model editing (Orgad et al. 2023)     | `StableDiffusionModelEditingPipeline`     |
+| `controlnet.py`        | ControlNet (Zhang et al. 2023)                            | `StableDiffusionControlNetPipeline`       |
+| `t2i_adapter.py`       | T2I-Adapter (Mou et al. 2023)                             | `StableDiffusionAdapterPipeline`          |
 
+`conditions.py` makes their condition images (Canny edges, masks, depth maps) without OpenCV.
 `attention_maps.py` captures the UNet's attention maps; SAG, Attend-and-Excite and Pix2Pix-Zero use it.
 Every pipeline loads from the same folder as `StableDiffusionPipeline` (`X.from_pretrained("tiny-sd")`).
 """
@@ -31,3 +34,6 @@ from .inversion import InversionOutput, ddim_invert, relative_error
 from .diffedit import DiffEditInversionPipelineOutput, StableDiffusionDiffEditPipeline
 from .pix2pix_zero import Pix2PixZeroOutput, StableDiffusionPix2PixZeroPipeline
 from .model_editing import StableDiffusionModelEditingPipeline, align_tokens
+from .conditions import canny, condition_tensor, depth_to_image, mask_to_image
+from .controlnet import StableDiffusionControlNetPipeline
+from .t2i_adapter import StableDiffusionAdapterPipeline

@@ -23,6 +23,8 @@ import torch
 from .. import schedulers
 from ..core.compat import transformers_dtype_kwargs
 from ..core.hub import OFFLINE_HELP, is_offline
+from ..models.controlnet import ControlNetModel
+from ..models.t2i_adapter import T2IAdapter
 from ..models.unet_2d import UNet2DModel
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
@@ -39,6 +41,8 @@ MODEL_CLASSES = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
     "AutoencoderKL": AutoencoderKL,
+    "ControlNetModel": ControlNetModel,   # the controlnet of StableDiffusionControlNetPipeline folders
+    "T2IAdapter": T2IAdapter,             # the adapter of StableDiffusionAdapterPipeline folders
 }
 TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTokenizer")
 
