@@ -110,8 +110,8 @@ def prepare_run_folder(args, inputs: dict[str, str | None]) -> None:
         return
     if present and not args.overwrite:
         shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
-        raise CommandError(f"--out {out} already holds files ({shown}): training would replace that run. Pass "
-                           "--resume to continue it, --overwrite to replace it, or a new --out.")
+        raise CommandError(f"--out {out} already holds files ({shown}), which training would write over. Pass "
+                           "--resume to continue the run there, --overwrite to replace it, or a new --out.")
     earlier = [name for name in present if name in RUN_OUTPUTS]
     for option, path in inputs.items():  # e.g. --vae runs/x/vae with --out runs/x: keep what this run reads
         for name in earlier:
