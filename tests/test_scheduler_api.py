@@ -312,3 +312,18 @@ def test_ddim_bad_eta(eta):
     with pytest.raises(ValueError, match="eta must be a number >= 0"):
         scheduler.step(fake_model(x, t), t, x, eta=eta)
 
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpm", "unipc"])
+def test_stateful_schedulers_refuse_steps_out_of_order_or_past_the_end(name):
+    scheduler = ALL_PAIRS[name][0].from_config(SD_PNDM_CONFIG)
+    scheduler.set_timesteps(3)
+    x = torch.zeros(1, 4, 8, 8)
+    t0, t1, t2 = scheduler.timesteps
+    scheduler.step(fake_model(scheduler.scale_model_input(x, t0), t0), t0, x)
+    with pytest.raises(ValueError, match="expected timestep"):
+        scheduler.step(x, t2, x)   # skips t1
+    for t in (t1, t2):
+        scheduler.step(fake_model(scheduler.scale_model_input(x, t), t), t, x)
+    with pytest.raises(RuntimeError, match="All 3 steps of the schedule were taken"):
+        scheduler.step(x, t2, x)

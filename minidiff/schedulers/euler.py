@@ -142,6 +142,16 @@ class EulerDiscreteScheduler(SchedulerBase):
         index = self.index_for_timestep(timestep)
         if self.step_index is None:
             self.step_index = index if self.begin_index is None else self.begin_index
+        # later calls count on from there: the timestep must be the one at the current index
+        n = len(self.timesteps)
+        if self.step_index >= n:
+            raise RuntimeError(f"All {n} steps of the schedule were taken. Call set_timesteps(...) again to start a "
+                               "new sampling loop.")
+        expected = float(self.timesteps[self.step_index])
+        if float(timestep) != expected:
+            raise ValueError(f"{type(self).__name__} expected timestep {expected} (step {self.step_index} of {n}), "
+                             f"found {float(timestep)}. Visit scheduler.timesteps in order; call set_timesteps(...) "
+                             "to start over.")
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x_t = x / sqrt(σ² + 1): the model was trained on the variance-preserving x_t. sample: (B, C, H, W)."""
