@@ -152,6 +152,19 @@ def test_non_finite_inputs_to_the_controlled_pipelines(sd):
     mask[0, 0, 0] = NAN
     with pytest.raises(ValueError, match="mask tensor holds 1 non-finite"):
         inpaint("a cat", image=torch.rand(3, 64, 64), mask_image=mask, **STEPS)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        inpaint("a cat", image=torch.rand(3, 64, 64), mask_image=torch.ones(1, 64, 64), guidance_scale=INF, **STEPS)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be an int >= 1"):
+        inpaint("a cat", image=torch.rand(3, 64, 64), mask_image=torch.ones(1, 64, 64), num_images_per_prompt=0,
+                **STEPS)
+    diffedit = quiet(minidiff.StableDiffusionDiffEditPipeline(**sd.components))
+    inverted = torch.randn(1, 1, 4, 8, 8)
+    inverted[0, 0, 0, 0, 0] = NAN
+    with pytest.raises(ValueError, match="image_latents holds 1 non-finite"):
+        diffedit("a cat", mask_image=torch.ones(8, 8), image_latents=inverted, inpaint_strength=0.5, **STEPS)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        diffedit("a cat", mask_image=torch.ones(8, 8), image_latents=inverted.nan_to_num(), inpaint_strength=0.5,
+                 guidance_scale=NAN, **STEPS)
     for cls in (minidiff.StableDiffusionSAGPipeline, minidiff.SemanticStableDiffusionPipeline,
                 minidiff.StableDiffusionPanoramaPipeline):
         with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
@@ -169,6 +182,7 @@ SD_BAD_NUMBERS = [
     (dict(num_inference_steps=-3), ValueError, "num_inference_steps must be an int >= 1"),
     (dict(num_inference_steps=2.5), ValueError, "num_inference_steps must be an int >= 1.*found 2.5"),
     (dict(num_inference_steps=True), ValueError, "num_inference_steps must be an int >= 1.*found True"),
+    (dict(num_inference_steps=1001), ValueError, "num_inference_steps must be at most num_train_timesteps=1000"),
     (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt .* must be an int >= 1.*found 0"),
     (dict(num_images_per_prompt=-1), ValueError, "num_images_per_prompt .* must be an int >= 1.*found -1"),
     (dict(num_images_per_prompt=1.5), ValueError, "num_images_per_prompt .* must be an int >= 1"),
@@ -207,6 +221,14 @@ def test_img2img_counts(img2img, model_calls):
     with pytest.raises(ValueError, match="num_images_per_prompt must be an int >= 1"):
         img2img("a cat", image=image, num_images_per_prompt=0, **STEPS)
     assert model_calls == {"text_encoder": 0, "unet": 0}
+
+
+def test_a_one_element_tensor_guidance_scale_still_works(sd):
+    as_tensor = sd("a cat", guidance_scale=torch.tensor(3.0), generator=gen(0), output_type="np", **STEPS).images
+    as_float = sd("a cat", guidance_scale=3.0, generator=gen(0), output_type="np", **STEPS).images
+    np.testing.assert_array_equal(as_tensor, as_float)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        sd("a cat", guidance_scale=torch.tensor(NAN), **STEPS)
 
 
 def test_float64_latents_are_cast_not_a_crash(sd):

@@ -27,6 +27,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..pipelines.checks import check_count, check_finite, check_guidance_scale
 from ..pipelines.outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from ..pipelines.text import as_prompt_list, classifier_free_guidance, prompt_embeddings
@@ -144,11 +145,14 @@ class StableDiffusionDiffEditPipeline(StableDiffusionPipeline):
         prompts = as_prompt_list(prompt)
         B = len(prompts)
         steps_run = check_strength("inpaint_strength", inpaint_strength, num_inference_steps)
+        check_guidance_scale(guidance_scale)
+        check_count(num_images_per_prompt, "num_images_per_prompt", "images per prompt")
         check_output_type(output_type)
         check_generator(generator, B * num_images_per_prompt)
         if eta and not isinstance(self.scheduler, DDIMScheduler):
             raise ValueError(f"eta={eta} is a DDIMScheduler option; pipe.scheduler is {type(self.scheduler).__name__}.")
         image_latents = torch.as_tensor(image_latents)
+        check_finite(image_latents, "image_latents", "Invert the image again (see invert()).")
         if image_latents.ndim == 4 and image_latents.shape[0] % B == 0:   # (B·N, 4, h, w) -> (B, N, 4, h, w)
             image_latents = image_latents.reshape(B, -1, *image_latents.shape[1:])
         C = self.unet.config.in_channels

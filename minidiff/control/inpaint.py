@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.checks import check_finite
+from ..pipelines.checks import check_count, check_finite, check_guidance_scale, check_steps
 from ..pipelines.outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from ..pipelines.img2img import StableDiffusionImg2ImgPipeline
 from ..pipelines.text import as_prompt_list, prompt_embeddings
@@ -64,6 +64,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength must be a number in (0, 1] (the fraction of the steps to run); "
                              f"found {strength!r}.")
+        check_steps(num_inference_steps, self.scheduler)
+        check_guidance_scale(guidance_scale)
+        check_count(num_images_per_prompt, "num_images_per_prompt", "images per prompt")
         if self.unet.config.in_channels != 4:
             raise ValueError(f"This pipeline blends latents for a text-to-image UNet with 4 input channels; this UNet "
                              f"has {self.unet.config.in_channels} (a dedicated inpainting UNet), which minidiff does "

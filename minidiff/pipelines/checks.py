@@ -52,14 +52,22 @@ def check_count(value, name: str, what: str) -> None:
         raise ValueError(f"{name} must be an int >= 1 (the number of {what}); found {value!r}.")
 
 
-def check_steps(num_inference_steps) -> None:
+def check_steps(num_inference_steps, scheduler=None) -> None:
+    """An int >= 1, and at most the scheduler's num_train_timesteps (T) when it has one (the scheduler would
+    refuse more too, but only after the prompt was encoded)."""
     if not is_int(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1 (the number of denoising steps; 20 to 50 is "
                          f"usual); found {num_inference_steps!r}.")
+    T = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if T is not None and num_inference_steps > T:
+        raise ValueError(f"num_inference_steps must be at most num_train_timesteps={T} (the steps the model was "
+                         f"trained on; {type(scheduler).__name__} picks a subset of them); found {num_inference_steps}.")
 
 
 def check_guidance_scale(guidance_scale) -> None:
     """A finite real number. NaN would silently turn guidance off (nan > 1 is False); inf makes every pixel NaN."""
+    if isinstance(guidance_scale, torch.Tensor) and guidance_scale.numel() == 1:   # torch.tensor(7.5) worked before
+        guidance_scale = guidance_scale.item()
     if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool):
         raise TypeError(f"guidance_scale must be a number (7.5 is usual; <= 1 turns guidance off); found "
                         f"{type(guidance_scale).__name__} {guidance_scale!r}.")

@@ -42,7 +42,7 @@ class DDPMPipeline(DiffusionPipeline):
                             f"(the number of images); found the string {batch_size!r}. For text-to-image use "
                             "minidiff.StableDiffusionPipeline.")
         check_count(batch_size, "batch_size", "images")
-        check_steps(num_inference_steps)
+        check_steps(num_inference_steps, self.scheduler)
         check_output_type(output_type, ("pil", "np", "pt"))
         check_generator(generator, batch_size)
         self.warn_if_slow()

@@ -49,7 +49,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         # 0. Check the inputs before any work is done.
         prompts = as_prompt_list(prompt)
         check_strength(strength)
-        check_steps(num_inference_steps)
+        check_steps(num_inference_steps, self.scheduler)
         check_guidance_scale(guidance_scale)
         check_count(num_images_per_prompt, "num_images_per_prompt", "images per prompt")
         check_output_type(output_type)

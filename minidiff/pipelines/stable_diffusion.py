@@ -117,7 +117,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         """
         check_count(batch_size, "num_images_per_prompt (times the number of prompts)", "images to make")
         if num_inference_steps is not NOT_TAKEN:
-            check_steps(num_inference_steps)
+            check_steps(num_inference_steps, self.scheduler)
         if guidance_scale is not NOT_TAKEN:
             check_guidance_scale(guidance_scale)
         size = self.unet.config.sample_size  # in latents: 64 for SD v1, so 64 * 8 = 512 pixels
