@@ -161,7 +161,8 @@ class SchedulerBase:
     def from_config(cls, config, **overrides):
         """From a dict (`scheduler_config.json`) or another scheduler's `.config`: the values it gives
         explicitly (see `given_values`) plus `overrides`; keys this scheduler does not use are ignored
-        but kept, so that they reach the next scheduler built from this one's config."""
+        but kept, so that they reach the next scheduler built from this one's config. A model's config
+        (`pipe.unet.config`) is refused: it would silently give the default betas."""
         values = given_values(config)
         values.update(overrides)
         known = {f.name for f in dataclasses.fields(cls.Config)}
