@@ -26,9 +26,10 @@ if [ "$PHASE" = smoke ] || [ "$PHASE" = all ]; then
     stamp "smoke test: 3 steps of each loop"
     S="$RUNS/smoke"
     fail() { stamp "smoke test failed"; tail -30 "$S.log"; exit 1; }
-    train vae --out "$S/vae" --steps 3 --num-images 256 > "$S.log" 2>&1 || fail
-    train ddpm --out "$S/ddpm" --steps 3 --num-images 256 >> "$S.log" 2>&1 &
-    train sd --vae "$S/vae/vae" --out "$S/sd" --steps 3 --num-images 256 >> "$S.log" 2>&1 || fail
+    # --overwrite: the smoke runs are throwaway, and a second call of this script replaces them
+    train vae --out "$S/vae" --steps 3 --num-images 256 --overwrite > "$S.log" 2>&1 || fail
+    train ddpm --out "$S/ddpm" --steps 3 --num-images 256 --overwrite >> "$S.log" 2>&1 &
+    train sd --vae "$S/vae/vae" --out "$S/sd" --steps 3 --num-images 256 --overwrite >> "$S.log" 2>&1 || fail
     wait $! || fail
     stamp "smoke test passed"
 fi
