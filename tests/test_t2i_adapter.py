@@ -263,3 +263,11 @@ def test_mismatched_adapters_are_refused(sd_folder, pipes):
     with pytest.raises(ValueError, match="adapter was built for another UNet"):
         StableDiffusionAdapterPipeline(ours.vae, ours.text_encoder, ours.tokenizer, ours.unet, sd21_widths,
                                        ours.scheduler)
+
+
+def test_loads_an_adapter_pipeline_folder(pipes, tmp_path):
+    """A folder saved by diffusers' StableDiffusionAdapterPipeline names adapter = T2IAdapter."""
+    _, theirs = pipes
+    theirs.save_pretrained(tmp_path)
+    pipe = load_minidiff(minidiff.DiffusionPipeline, str(tmp_path))
+    assert type(pipe).__name__ == "StableDiffusionAdapterPipeline" and isinstance(pipe.adapter, T2IAdapter)

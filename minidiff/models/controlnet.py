@@ -212,6 +212,9 @@ class ControlNetModel(PretrainedModel):
         """A ControlNet for `unet`, as training starts it: the encoder's weights copied from the UNet, the
         conditioning embedding random but for its zero conv_out, every zero convolution 0 -> all residuals 0."""
         u = unet.config
+        if u.dropout != 0.0:
+            raise ValueError(f"The UNet has dropout={u.dropout}; diffusers' ControlNetModel has no dropout, so its "
+                             "encoder copy would differ. Build the ControlNet from a UNet with dropout 0.")
         if not isinstance(u.layers_per_block, int) and len(set(u.layers_per_block)) == 1:
             layers = u.layers_per_block[0]
         else:
@@ -227,9 +230,6 @@ class ControlNetModel(PretrainedModel):
             controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
             conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
         )
-        if u.dropout != 0.0:
-            raise ValueError(f"The UNet has dropout={u.dropout}; diffusers' ControlNetModel has no dropout, so its "
-                             "encoder copy would differ. Build the ControlNet from a UNet with dropout 0.")
         controlnet = cls(config).to(device=unet.device, dtype=unet.dtype)
         if load_weights_from_unet:
             for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
