@@ -309,6 +309,22 @@ def test_multi_controlnet_pipeline_parity(sd_folder):
     assert max_pixel_diff(a, alone) > 0.01
 
 
+def test_global_pool_controlnet_runs_in_guess_mode_as_in_diffusers(sd_folder, tmp_path):
+    """v1.1 "shuffle" (global_pool_conditions): residuals averaged over H and W, the pipeline in guess mode."""
+    config = json.loads((sd_folder / "controlnet_0" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(
+        (sd_folder / "controlnet_0" / "diffusion_pytorch_model.safetensors").read_bytes())
+    ours = load_minidiff(StableDiffusionControlNetPipeline, str(sd_folder / "sd"),
+                         controlnet=ControlNetModel.from_pretrained(tmp_path))
+    theirs = load_diffusers("StableDiffusionControlNetPipeline", str(sd_folder / "sd"),
+                            controlnet=RefControlNet.from_pretrained(tmp_path))
+    call = dict(prompt="a red circle", image=condition(0), num_inference_steps=STEPS, output_type="np")
+    a, b = ours(**call, generator=gen(0)).images, theirs(**call, generator=gen(0)).images
+    assert max_pixel_diff(a, b) <= 1 / 255
+    assert max_pixel_diff(a, ours(**call, guess_mode=True, generator=gen(0)).images) == 0
+
+
 def test_the_control_acts_and_vanishes_at_scale_zero(pipes):
     ours, _ = pipes
     call = dict(prompt="a red circle", image=condition(0), num_inference_steps=STEPS, output_type="np")

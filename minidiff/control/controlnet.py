@@ -9,7 +9,8 @@ follows a condition image (edges, depth, a mask), through the residuals of a Con
 3. classifier-free guidance and the scheduler step, as in text-to-image
 
 The condition image goes in as RGB in [0, 1], at the size of the images to generate (the ControlNet's
-conditioning embedding shrinks it 8x to the latent's size). Several ControlNets (a list, each with its image
+conditioning embedding shrinks it 8x to the latent's size); one of another size is refused, where diffusers
+would resize it (a resized edge map loses its one-pixel lines). Several ControlNets (a list, each with its image
 and scale) add their residuals. `guess_mode`: the ControlNet runs on the prompt's half of the batch only
 and the unconditional half gets no residual, so classifier-free guidance amplifies the control itself;
 its residuals are also scaled from 0.1 (finest skip) to 1 (mid block). Arguments and results are those of
