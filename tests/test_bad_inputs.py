@@ -12,6 +12,7 @@ import warnings
 
 import huggingface_hub
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -183,6 +184,8 @@ SD_BAD_NUMBERS = [
     (dict(num_inference_steps=2.5), ValueError, "num_inference_steps must be an int >= 1.*found 2.5"),
     (dict(num_inference_steps=True), ValueError, "num_inference_steps must be an int >= 1.*found True"),
     (dict(num_inference_steps=1001), ValueError, "num_inference_steps must be at most num_train_timesteps=1000"),
+    (dict(num_inference_steps=np.int64(2)), ValueError, r"int >= 1 .*found np.int64\(2\). Pass int\(num_inference"),
+    (dict(callback="print"), TypeError, "callback must be a function callback\\(i, t, latents, x0\\).*found str"),
     (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt .* must be an int >= 1.*found 0"),
     (dict(num_images_per_prompt=-1), ValueError, "num_images_per_prompt .* must be an int >= 1.*found -1"),
     (dict(num_images_per_prompt=1.5), ValueError, "num_images_per_prompt .* must be an int >= 1"),
@@ -216,6 +219,10 @@ def test_img2img_strength_in_0_1(img2img, model_calls, strength):
 
 def test_img2img_counts(img2img, model_calls):
     image = torch.rand(3, 64, 64)
+    with pytest.raises(ValueError, match="The image is 7x5 pixels; the VAE needs at least 8x8"):
+        img2img("a cat", image=PIL.Image.new("RGB", (7, 5)), **STEPS)
+    with pytest.raises(TypeError, match="callback must be a function"):
+        img2img("a cat", image=image, callback=0, **STEPS)
     with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1"):
         img2img("a cat", image=image, num_inference_steps=0)
     with pytest.raises(ValueError, match="num_images_per_prompt must be an int >= 1"):
@@ -249,6 +256,8 @@ def test_ddpm_bad_calls(ddpm):
             ddpm(batch_size=batch_size, **STEPS)
     with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1.*found 0"):
         ddpm(num_inference_steps=0)
+    with pytest.raises(TypeError, match="callback must be a function"):
+        ddpm(callback=[], **STEPS)
     with pytest.raises(TypeError, match="unexpected keyword argument 'prompt'"):
         ddpm(prompt="a cat", **STEPS)
     nan_unet = copy.deepcopy(ddpm.unet)
@@ -307,15 +316,33 @@ def test_torch_dtype_by_name():
     assert unet.dtype == torch.float16
     for bad in ("half", "fp16", torch.int8, 16):
         with pytest.raises(TypeError, match=r"torch_dtype must be a floating torch.dtype .* \['float32', 'float16', "
-                                            r"'bfloat16'\]; found"):
+                                            r"'bfloat16', 'float64'\]; found"):
             minidiff.DiffusionPipeline.from_pretrained("tiny-sd", torch_dtype=bad)
         with pytest.raises(TypeError, match="torch_dtype must be a floating torch.dtype"):
             minidiff.UNet2DModel.from_pretrained("tiny-ddpm", subfolder="unet", torch_dtype=bad)
     ddpm = load_minidiff(minidiff.DiffusionPipeline, "tiny-ddpm")
     assert ddpm.to("bfloat16").dtype == torch.bfloat16             # was "Invalid device string: 'bfloat16'"
+    assert ddpm.to("float64").dtype == torch.float64
     assert ddpm.to("cpu", "float32").dtype == torch.float32
     with pytest.raises(TypeError, match="torch_dtype must be a floating torch.dtype.*found 'half'"):
         ddpm.to("cpu", "half")
+
+
+def test_components_of_the_wrong_kind(sd, ddpm):
+    with pytest.raises(TypeError, match=r"DDPMPipeline's unet must be an instance of UNet2DModel; found "
+                                        r"UNet2DConditionModel. Check the order .* \(unet=..., scheduler=...\)"):
+        minidiff.DDPMPipeline(unet=sd.unet, scheduler=ddpm.scheduler)
+    with pytest.raises(TypeError, match="StableDiffusionPipeline's vae must be an instance of AutoencoderKL; found "
+                                        "UNet2DConditionModel"):
+        minidiff.StableDiffusionPipeline(sd.unet, sd.text_encoder, sd.tokenizer, sd.vae, sd.scheduler)   # swapped
+    with pytest.raises(TypeError, match="unet must be a loaded UNet2DModel; found the class UNet2DModel itself"):
+        minidiff.DDPMPipeline(unet=minidiff.UNet2DModel, scheduler=ddpm.scheduler)
+    with pytest.raises(TypeError, match=r"unet= got the class UNet2DConditionModel itself; pass a loaded component, "
+                                        r"e.g. UNet2DConditionModel.from_pretrained\('tiny-sd', subfolder='unet'\)"):
+        minidiff.StableDiffusionPipeline.from_pretrained("tiny-sd", unet=minidiff.UNet2DConditionModel)
+    for name in (None, 3):
+        with pytest.raises(TypeError, match="Expected a folder path, a bundled checkpoint name .* found"):
+            minidiff.DiffusionPipeline.from_pretrained(name)
 
 
 def test_scheduler_class_instead_of_an_instance(sd):

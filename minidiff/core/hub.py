@@ -92,6 +92,9 @@ def resolve_file(
 
     Returns None when the file does not exist and `required` is False.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"Expected a folder path, a bundled checkpoint name {list(BUNDLED_NAMES)} or a hub repo id "
+                        f"'owner/name'; found {type(name_or_path).__name__} {name_or_path!r}.")
     name_or_path = os.fspath(name_or_path)
     folder = name_or_path if os.path.isdir(name_or_path) else bundled_path(name_or_path)
     if folder is not None:

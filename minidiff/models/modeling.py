@@ -31,7 +31,7 @@ LEGACY_ATTENTION_NAMES = {
 
 # torch_dtype may also be given by name, as transformers accepts it. (diffusers 0.42 warns on a string and loads
 # float32 instead, a silent fallback that minidiff does not copy.)
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def as_torch_dtype(torch_dtype) -> torch.dtype | None:

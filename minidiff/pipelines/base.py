@@ -87,11 +87,16 @@ class DiffusionPipeline:
         index = read_json(index_path)
         pipeline_cls = cls._pipeline_class(index, index_path)
 
-        for name in components:
+        for name, value in components.items():
             if name not in pipeline_cls.component_names and name not in NOT_LOADED:
                 raise TypeError(
                     f"{pipeline_cls.__name__}.from_pretrained got an unknown component {name}=; "
                     f"its components are {list(pipeline_cls.component_names)}."
+                )
+            if isinstance(value, type) and name != "scheduler":   # the scheduler's own message: its setter
+                raise TypeError(
+                    f"{name}= got the class {value.__name__} itself; pass a loaded component, e.g. "
+                    f"{value.__name__}.from_pretrained({path_or_repo_id!r}, subfolder={name!r})."
                 )
         missing = [n for n in pipeline_cls.component_names if n not in index and n not in components]
         if missing:
@@ -134,6 +139,23 @@ class DiffusionPipeline:
                 "Load it with one of those classes' from_pretrained, or check the folder."
             )
         return known[name]
+
+    def check_component_types(self, **parts) -> None:
+        """In the constructor: refuse a component of the wrong kind (a UNet2DConditionModel in a DDPMPipeline,
+        the VAE passed as the unet) here, not as a TypeError deep inside the first call. By class name, so that
+        diffusers' model of the same class is accepted too; None is left to the caller."""
+        for name, part in parts.items():
+            expected = self.component_classes.get(name)
+            if expected is None or part is None:
+                continue
+            if isinstance(part, type):
+                raise TypeError(f"{name} must be a loaded {expected}; found the class {part.__name__} itself. Load one, "
+                                f"e.g. {part.__name__}.from_pretrained(folder, subfolder={name!r}).")
+            if expected not in [c.__name__ for c in type(part).__mro__]:
+                raise TypeError(f"{type(self).__name__}'s {name} must be an instance of {expected}; found "
+                                f"{type(part).__name__}. "
+                                f"Check the order of the arguments, or pass them by name "
+                                f"({', '.join(f'{n}=...' for n in self.component_names)}).")
 
     @classmethod
     def check_component_classes(cls, index: dict, index_path: str, names: list[str]) -> None:

@@ -53,11 +53,12 @@ def check_count(value, name: str, what: str) -> None:
 
 
 def check_steps(num_inference_steps, scheduler=None) -> None:
-    """An int >= 1, and at most the scheduler's num_train_timesteps (T) when it has one (the scheduler would
-    refuse more too, but only after the prompt was encoded)."""
-    if not is_int(num_inference_steps) or num_inference_steps < 1:
+    """A Python int >= 1 (the schedulers take no numpy integer), and at most the scheduler's num_train_timesteps
+    (T) when it has one (the scheduler would refuse more too, but only after the prompt was encoded)."""
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        hint = " Pass int(num_inference_steps)." if is_int(num_inference_steps) else ""
         raise ValueError(f"num_inference_steps must be an int >= 1 (the number of denoising steps; 20 to 50 is "
-                         f"usual); found {num_inference_steps!r}.")
+                         f"usual); found {num_inference_steps!r}.{hint}")
     T = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     if T is not None and num_inference_steps > T:
         raise ValueError(f"num_inference_steps must be at most num_train_timesteps={T} (the steps the model was "
@@ -81,6 +82,13 @@ def check_strength(strength) -> None:
     if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1] (the fraction of the steps to run: 1 ignores the "
                          f"image, near 0 returns it almost unchanged); found {strength!r}.")
+
+
+def check_callback(callback) -> None:
+    """None or a function `callback(i, t, latents, x0)`; checked before the first step rather than after it."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function callback(i, t, latents, x0), called after every step, or None; "
+                        f"found {type(callback).__name__} {callback!r}.")
 
 
 # --- tensors a user hands in --------------------------------------------------------------------------------

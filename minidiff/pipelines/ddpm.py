@@ -11,7 +11,7 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import DiffusionPipeline
-from .checks import check_count, check_steps
+from .checks import check_callback, check_count, check_steps
 from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 
 
@@ -23,6 +23,7 @@ class DDPMPipeline(DiffusionPipeline):
 
     def __init__(self, unet, scheduler):
         super().__init__()
+        self.check_component_types(unet=unet)
         self.unet = unet
         self.scheduler = scheduler
 
@@ -43,6 +44,7 @@ class DDPMPipeline(DiffusionPipeline):
                             "minidiff.StableDiffusionPipeline.")
         check_count(batch_size, "batch_size", "images")
         check_steps(num_inference_steps, self.scheduler)
+        check_callback(callback)
         check_output_type(output_type, ("pil", "np", "pt"))
         check_generator(generator, batch_size)
         self.warn_if_slow()

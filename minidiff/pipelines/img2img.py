@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 
 from ..core.utils import randn_tensor
-from .checks import check_count, check_finite, check_guidance_scale, check_steps, check_strength
+from .checks import check_callback, check_count, check_finite, check_guidance_scale, check_steps, check_strength
 from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from .stable_diffusion import StableDiffusionPipeline
 from .text import as_prompt_list, prompt_embeddings
@@ -52,6 +52,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         check_steps(num_inference_steps, self.scheduler)
         check_guidance_scale(guidance_scale)
         check_count(num_images_per_prompt, "num_images_per_prompt", "images per prompt")
+        check_callback(callback)
         check_output_type(output_type)
         batch_size = len(prompts) * num_images_per_prompt
         check_generator(generator, batch_size)
@@ -106,6 +107,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             image = [image]
         if isinstance(image, (list, tuple)) and len(image) > 0 and all(isinstance(i, PIL.Image.Image) for i in image):
             w, h = image[0].size
+            if w < f or h < f:
+                raise ValueError(f"The image is {w}x{h} pixels; the VAE needs at least {f}x{f} (one latent per {f}x{f} "
+                                 "pixels). Pass a larger image.")
             w, h = w - w % f, h - h % f
             image = [i.convert("RGB").resize((w, h), resample=PIL.Image.LANCZOS) for i in image]
             pixels = np.stack([np.array(i).astype(np.float32) / 255.0 for i in image])   # (N, H, W, 3)

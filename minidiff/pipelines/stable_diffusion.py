@@ -18,7 +18,8 @@ import torch
 
 from ..core.utils import randn_tensor
 from .base import DiffusionPipeline
-from .checks import NOT_TAKEN, check_count, check_decoded, check_guidance_scale, check_latents, check_steps
+from .checks import (NOT_TAKEN, check_callback, check_count, check_decoded, check_guidance_scale, check_latents,
+                     check_steps)
 from .single_file import load_single_file
 from .outputs import ImagePipelineOutput, Intermediates, check_generator, check_output_type, postprocess
 from .text import as_prompt_list, classifier_free_guidance, prompt_embeddings
@@ -36,6 +37,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         (`..., safety_checker=None, feature_extractor=None, requires_safety_checker=False`). minidiff runs no
         safety checker: no NSFW filter is applied to the images."""
         super().__init__()
+        self.check_component_types(vae=vae, unet=unet)
         if safety_checker is not None or image_encoder is not None:
             unused = "safety_checker" if safety_checker is not None else "image_encoder"
             warnings.warn(f"{type(self).__name__} got a {unused}: minidiff does not run it (no NSFW filter is "
@@ -85,6 +87,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         batch_size = len(prompts) * num_images_per_prompt
         _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
                                                num_inference_steps, guidance_scale)
+        check_callback(callback)
         self.warn_if_slow()
         device = self.device
         guidance = guidance_scale > 1.0
