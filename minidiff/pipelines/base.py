@@ -164,12 +164,14 @@ class DiffusionPipeline:
             expected = cls.component_classes.get(name)
             found = index[name][1] if isinstance(index[name], (list, tuple)) and len(index[name]) == 2 else None
             if expected is not None and found is not None and found != expected:   # a malformed entry: load_component
-                folder_class = index.get("_class_name", "another pipeline")
+                folder_class = index.get("_class_name")
+                load = "minidiff.DiffusionPipeline.from_pretrained, which picks the folder's class"
+                if folder_class:
+                    load = f"minidiff.{folder_class}.from_pretrained (or {load})"
                 raise ValueError(
-                    f"{index_path} is a {folder_class} folder: its {name} is a {found}, but {cls.__name__} needs a "
-                    f"{expected}. Load it with minidiff.{folder_class}.from_pretrained (or "
-                    "minidiff.DiffusionPipeline.from_pretrained, which picks the folder's class), or pick a folder "
-                    f"made for {cls.__name__}."
+                    f"{index_path} is a {folder_class or 'pipeline'} folder: its {name} is a {found}, but "
+                    f"{cls.__name__} needs a {expected}. Load it with {load}, or pick a folder made for "
+                    f"{cls.__name__}."
                 )
 
     # --- components ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ CAUSES = {
                   + FLOAT16_HELP),
     "start": ("the latents entering the first step come from latents= or, for image-to-image, from the VAE "
               "encoder: check the input tensors and the VAE's weights, or " + FLOAT16_HELP),
-    "vae": "a NaN or inf weight in the VAE decoder, or " + FLOAT16_HELP + " (the VAE overflows first)",
+    "vae": "a NaN or inf weight in the VAE decoder, or " + FLOAT16_HELP,
 }
 
 
