@@ -6,10 +6,13 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import minidiff
-from helpers import gen, gens, max_pixel_diff, quiet
+from helpers import gen, gens, load_minidiff, max_pixel_diff, quiet
 from minidiff.checkpoints import TINY_DDPM, TINY_SD
+from minidiff.models.modeling import rename_legacy_keys
 from minidiff.training import evaluate
 from minidiff.training.shapes import ShapesDataset, to_model_range
 from minidiff.training.tokenizer import write_tokenizer
@@ -17,6 +20,13 @@ from minidiff.training.tokenizer import write_tokenizer
 MB = 1024 * 1024
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    """minidiff's tiny-sd pipeline alone, so that the tests which need no diffusers also run where it is not
+    installed (CI's dependency-floor job: diffusers 0.42 needs a newer transformers than minidiff's floor)."""
+    return load_minidiff(minidiff.DiffusionPipeline)
 
 
 def files_under(folder):
@@ -90,8 +100,8 @@ def test_minidiff_and_diffusers_draw_the_same_image(tiny_sd_pair):
     assert max_pixel_diff(images[0], images[1]) <= 2 / 255
 
 
-def test_tiny_sd_draws_the_prompt(tiny_sd_pair):
-    ours, _ = tiny_sd_pair
+def test_tiny_sd_draws_the_prompt(tiny_sd):
+    ours = tiny_sd
     asked = [("red", "circle"), ("yellow", "square"), ("green", "triangle"), ("blue", "diamond"),
              ("cyan", "circle"), ("purple", "triangle")]
     images = ours([f"a {c} {s}" for c, s in asked], num_inference_steps=25, guidance_scale=7.5,
@@ -112,3 +122,54 @@ def test_tiny_ddpm_minidiff_and_diffusers_agree():
         images.append(pipe(batch_size=2, num_inference_steps=20, generator=gens(0, 1), output_type="np").images)
     assert images[0].shape == (2, 32, 32, 3)
     assert max_pixel_diff(images[0], images[1]) <= 2 / 255
+
+
+# --- every bundled tensor is loaded, no weight is left at its random initialisation -------------------------
+# A weight that a loader does not find in the file keeps its random initial value, and the model still runs:
+# transformers only logs a warning ("newly initialized"). tiny-sd's text encoder was loaded that way by
+# transformers 4.x (every prompt gave the same picture) while its keys lacked SD v1-4's `text_model.` prefix.
+
+@pytest.mark.parametrize("folder, part, cls", [(TINY_SD, "unet", minidiff.UNet2DConditionModel),
+                                                (TINY_SD, "vae", minidiff.AutoencoderKL),
+                                                (TINY_DDPM, "unet", minidiff.UNet2DModel)])
+def test_minidiff_components_hold_every_bundled_tensor(folder, part, cls):
+    model = cls.from_pretrained(folder, subfolder=part)               # load_strict: missing / unexpected raise
+    stored = rename_legacy_keys(load_file(os.path.join(folder, part, "diffusion_pytorch_model.safetensors")))
+    state = model.state_dict()
+    assert sorted(state) == sorted(stored)                           # no key left out, none unused
+    unequal = [k for k in stored if not torch.equal(state[k], stored[k])]
+    assert not unequal, unequal[:5]
+
+
+def test_text_encoder_file_has_sd_v1_key_layout():
+    """Keys as in CompVis/stable-diffusion-v1-4's text_encoder/model.safetensors (`text_model.embeddings.*`,
+    `text_model.encoder.layers.N.*`, `text_model.final_layer_norm.*`): every transformers version loads those.
+    transformers 5 writes them without the prefix (and reads both), 4.x reads only the prefixed ones."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = os.path.join(TINY_SD, "text_encoder")
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert metadata == {"format": "pt"}
+    # The weights of a CLIPTextModel of this config, in SD v1's names whatever this transformers calls them.
+    model = CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
+    expected = {"text_model." + k.removeprefix("text_model.") for k in model.state_dict()}
+    assert keys == expected, (sorted(keys - expected)[:5], sorted(expected - keys)[:5])
+    assert {k.split(".")[1] for k in keys} == {"embeddings", "encoder", "final_layer_norm"}
+
+
+def test_text_encoder_loads_every_bundled_tensor():
+    """transformers' own report of the load is empty: no missing key (it would be random), no unexpected one
+    (it would be unused), no shape mismatch. No key is exempted: `position_ids` (a buffer, arange(77), that
+    old checkpoints such as SD v1-4's carry) is neither expected nor listed from the floor (4.35.2) to 5.x."""
+    from transformers import CLIPTextModel
+
+    folder = os.path.join(TINY_SD, "text_encoder")
+    model, info = CLIPTextModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    # And the tensors are the file's, bit for bit (transformers 5 names them without the `text_model.` prefix).
+    stored = {k.removeprefix("text_model."): v for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
+    state = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    assert sorted(state) == sorted(stored)
+    unequal = [k for k in stored if not torch.equal(state[k], stored[k])]
+    assert not unequal, unequal[:5]
