@@ -16,6 +16,6 @@ DTYPE_KEYWORD_SINCE = (4, 56)
 
 
 def transformers_dtype_kwargs(dtype: torch.dtype) -> dict:
-    """The dtype keyword of transformers' `from_pretrained` for the installed version: {"dtype": d} or {"torch_dtype": d}."""
+    """transformers' `from_pretrained` dtype keyword for the installed version: {"dtype": d} or {"torch_dtype": d}."""
     major, minor = (int(part) for part in version("transformers").split(".")[:2])  # "4.56.0.dev0" -> 4, 56
     return {"dtype": dtype} if (major, minor) >= DTYPE_KEYWORD_SINCE else {"torch_dtype": dtype}
