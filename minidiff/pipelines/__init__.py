@@ -4,6 +4,7 @@
 - `StableDiffusionPipeline`: text -> image in the VAE's latent space.            stable_diffusion.py
 - `StableDiffusionImg2ImgPipeline`: text + image -> image.                       img2img.py
 - `DiffusionPipeline.from_pretrained(folder)`: the class `model_index.json` names.  base.py
+- The checks of every call: numbers before any work, NaN / inf where it first appears.   checks.py
 """
 
 from .base import DiffusionPipeline
