@@ -10,12 +10,13 @@ and writes the file in one stable layout, so that `git diff` shows only what rea
 - volatile metadata goes: execution timestamps, widget state, Colab's and VS Code's bookkeeping, collapsed /
   scrolled view state, the kernel's Python version;
 - tqdm progress bars go from the outputs; other widgets (a slider) keep their plain-text form only, since
-  their state is not saved and a live widget cannot be shown from the file;
+  their state is not saved and a live widget cannot be shown from the file; consecutive outputs of one
+  stream (stdout) are joined, as Jupyter shows them, since the kernel splits them where timing falls;
 - JSON as Jupyter writes it (nbformat.write: indent 1, sorted keys, one string per source line).
 
-The committed outputs are always those of the tiny bundled checkpoints on the CPU (the environment variables
-MINIDIFF_MODELS=tiny, MINIDIFF_DEVICE=cpu, MINIDIFF_DTYPE=float32 are set for the kernel, whatever they were):
-nbval compares them in CI, in the cells marked `# NBVAL_CHECK_OUTPUT`.
+The committed outputs are those of the tiny bundled checkpoints on the CPU, which nbval compares in CI in the
+cells marked `# NBVAL_CHECK_OUTPUT`: the default on a machine without a GPU. Elsewhere set MINIDIFF_MODELS=tiny
+MINIDIFF_DEVICE=cpu; a run whose `course.setup()` printed anything else is not written.
 
     OMP_NUM_THREADS=1 python notebooks/execute.py 07   # run notebook 07 in place (prefixes of file names)
     OMP_NUM_THREADS=1 python notebooks/execute.py      # every notebook, one after the other, timed
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -52,7 +52,9 @@ VOLATILE_NOTEBOOK_METADATA = ("widgets", "colab", "vscode", "papermill", "toc")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # A tqdm bar as text: "ddpm:  45%|████▌     | 9/20 [00:01<00:02, 5.1it/s]"
 PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+\s*\[")
-COURSE_ENV = {"MINIDIFF_MODELS": "tiny", "MINIDIFF_DEVICE": "cpu", "MINIDIFF_DTYPE": "float32"}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")                          # colours in a kernel's traceback
+# What course.setup() prints first: the models and device the committed outputs must come from.
+SETUP_CHOICE = re.compile(r"^minidiff course setup\n\s*models\s*:\s*(\S+)\n(?:.*\n)*?\s*device\s*:\s*(\S+)")
 
 
 def is_progress_bar(output: dict) -> bool:
@@ -102,6 +104,10 @@ def normalise(nb: nbformat.NotebookNode, number: str) -> nbformat.NotebookNode:
             if is_progress_bar(output):
                 continue
             output.get("data", {}).pop(WIDGET_MIME, None)        # the widget's state is not saved: keep its text
+            previous = outputs[-1] if outputs else {}
+            if output["output_type"] == previous.get("output_type") == "stream" and output["name"] == previous["name"]:
+                previous["text"] += output["text"]               # one print may arrive in two messages
+                continue
             outputs.append(output)
         cell.outputs = outputs
     nbformat.validate(nb)
@@ -118,22 +124,35 @@ def sources(nb: nbformat.NotebookNode) -> list[tuple[str, str]]:
     return [(cell.cell_type, cell.source) for cell in nb.cells]
 
 
-def execute_in_place(path: Path, timeout: int = 1200) -> float:
+def setup_choice(nb: nbformat.NotebookNode) -> tuple[str, str] | None:
+    """(models, device) from the printout of `course.setup()`, if the notebook's first output is one."""
+    first = next((o for c in nb.cells if c.cell_type == "code" for o in c.outputs), None)
+    match = SETUP_CHOICE.match(first.get("text", "")) if first is not None else None
+    return match.groups() if match else None
+
+
+def execute_in_place(path: Path, timeout: int = 1200) -> dict:
     """Run the notebook and write its new outputs into the file; the sources are written back as they were
-    read. Refuses to write if the file's sources changed while it ran (a save in Jupyter meanwhile)."""
+    read. Leaves the file as it was if a cell fails, or if its sources changed while it ran (a save in
+    Jupyter meanwhile). Returns run_cells' result, whose "error" then says why."""
     nb = normalise(read(path), path.name[:2])
     before = sources(nb)
     result = run_cells(nb, timeout)
     if result["error"]:
-        raise SystemExit(f"{path.name} failed, file left as it was: {result['error']}\n"
-                         f"Run `python -m pytest {path}` to see the failing cell and its traceback.")
-    if sources(nb) != before:                                    # nbclient only fills in outputs; check it
+        result["error"] = (f"{path.name} failed, file left as it was: {ANSI.sub('', result['error'])}\n"
+                           f"  run `python -m pytest {path}` to see the failing cell and its traceback")
+    elif (choice := setup_choice(nb)) not in (None, ("tiny", "cpu")):
+        result["error"] = (f"{path.name} ran with models {choice[0]!r} on device {choice[1]!r}; the committed "
+                           "outputs are the tiny checkpoints on the CPU (nbval compares them in CI). Not written: "
+                           "run again with MINIDIFF_MODELS=tiny MINIDIFF_DEVICE=cpu")
+    elif sources(nb) != before:                                  # nbclient only fills in outputs; check it
         raise RuntimeError(f"{path.name}: executing changed a cell's source; not written.")
-    if sources(normalise(read(path), path.name[:2])) != before:
-        raise SystemExit(f"{path.name} was saved with other sources while it ran; not written, so that edit "
-                         "stays. Run this script again.")
-    path.write_text(to_text(normalise(nb, path.name[:2])), encoding="utf-8")
-    return result["seconds"]
+    elif sources(normalise(read(path), path.name[:2])) != before:
+        result["error"] = (f"{path.name} was saved with other sources while it ran; not written, so that "
+                           "edit stays: run this script again")
+    else:
+        path.write_text(to_text(normalise(nb, path.name[:2])), encoding="utf-8")
+    return result
 
 
 def is_normalised(path: Path) -> bool:
@@ -176,16 +195,20 @@ def main() -> None:
             print(f"normalised {path.name}")
         return
 
-    os.environ.update(COURSE_ENV)                                # the kernel inherits this environment
-    os.environ.pop("MINIDIFF_SD", None)
-    os.environ.pop("MINIDIFF_DDPM", None)
-    times = {}
-    for path in paths:
-        times[path.name] = execute_in_place(path)
-        print(f"{path.name:50s} {times[path.name]:6.1f} s  {path.stat().st_size / 1e3:6.0f} kB", flush=True)
+    times, errors = {}, []
+    for path in paths:                                           # a failure does not stop the others
+        result = execute_in_place(path)
+        times[path.name] = result["seconds"]
+        if result["error"]:
+            errors.append(result["error"])
+            print(f"{path.name:50s} {result['seconds']:6.1f} s  FAILED", flush=True)
+        else:
+            print(f"{path.name:50s} {result['seconds']:6.1f} s  {path.stat().st_size / 1e3:6.0f} kB", flush=True)
     print(f"{'total':50s} {sum(times.values()):6.1f} s")
     if args.times:
         Path(args.times).write_text(json.dumps(times, indent=1))
+    if errors:
+        raise SystemExit("\n".join(errors))
 
 
 if __name__ == "__main__":

@@ -113,9 +113,11 @@ def jupyter_saved_notebook(path: Path) -> None:
                        "language_info": {"name": "python", "version": "3.11.7"},
                        "widgets": {"application/vnd.jupyter.widget-state+json": {"state": {}}}},
           "cells": [
-              {"cell_type": "markdown", "id": "title", "metadata": {}, "source": ["# 99 · A test\n", "\n", "Old text."]},
+              {"cell_type": "markdown", "id": "title", "metadata": {},
+               "source": ["# 99 · A test\n", "\n", "Old text."]},
               {"cell_type": "code", "id": "sum", "execution_count": 1, "metadata": dict(timing),
-               "outputs": [{"output_type": "stream", "name": "stdout", "text": ["5\n"]}, bar],
+               "outputs": [{"output_type": "stream", "name": "stdout", "text": ["5"]}, bar,   # one print, split
+                           {"output_type": "stream", "name": "stdout", "text": ["\n"]}],
                "source": ["print(2 + 3)"]},
               {"cell_type": "code", "id": "ab12cd34", "execution_count": 2, "metadata": {"tags": ["keep"], **timing},
                "outputs": [], "source": ["x = 1"]}]}
@@ -132,10 +134,11 @@ def test_a_teachers_edit_survives_normalising(tmp_path):
     run = subprocess.run([sys.executable, str(EXECUTE), "--normalise-only", str(path)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     after = nbformat.read(path, as_version=nbformat.NO_CONVERT)
-    assert [c.source for c in after.cells] == ["# 99 · A test\n\nNew text, written in Jupyter.", "print(2 + 4)", "x = 1"]
+    assert [c.source for c in after.cells] == ["# 99 · A test\n\nNew text, written in Jupyter.", "print(2 + 4)",
+                                               "x = 1"]
     assert [c.id for c in after.cells] == ["title", "sum", "ab12cd34"]
     assert [c.metadata for c in after.cells] == [{}, {}, {"tags": ["keep"]}]   # timing gone, the teacher's tag kept
-    assert after.cells[1].outputs == [{"output_type": "stream", "name": "stdout", "text": "5\n"}]   # bar gone
+    assert after.cells[1].outputs == [{"output_type": "stream", "name": "stdout", "text": "5\n"}]   # bar gone, joined
     assert "widgets" not in after.metadata and after.metadata.language_info == {"name": "python"}
     text = path.read_text()
     subprocess.run([sys.executable, str(EXECUTE), "--normalise-only", str(path)], check=True, capture_output=True)
@@ -180,14 +183,22 @@ def test_execute_in_place_replaces_outputs_only_and_is_repeatable(tmp_path):
     assert path.read_text() == text
 
 
-def test_execute_leaves_a_failing_notebook_as_it_was(tmp_path):
-    path = tmp_path / "97_fail.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise ValueError('boom')", id="bad")]),
-                   path)
-    text = path.read_text()
-    run = subprocess.run([sys.executable, str(EXECUTE), str(path)], capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "97_fail.ipynb failed, file left as it was" in run.stderr and "boom" in run.stderr
-    assert path.read_text() == text
+def test_execute_leaves_a_failing_or_hub_run_notebook_as_it_was(tmp_path):
+    """A cell that raises, or outputs made with other models than the tiny ones on the CPU (what nbval compares),
+    are not written; one failure does not stop the next notebook."""
+    fail, hub = tmp_path / "97_fail.ipynb", tmp_path / "96_hub.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise ValueError('boom')", id="a")]),
+                   fail)
+    printout = "minidiff course setup\n  models : hub\n  DDPM   : google/ddpm-cat-256\n  device : cuda\n"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"print({printout!r}, end='')", id="a")]),
+                   hub)
+    texts = fail.read_text(), hub.read_text()
+    run = subprocess.run([sys.executable, str(EXECUTE), str(fail), str(hub)], capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode != 0
+    assert "97_fail.ipynb failed, file left as it was: ValueError: boom" in run.stderr
+    assert "96_hub.ipynb ran with models 'hub' on device 'cuda'" in run.stderr and "MINIDIFF_MODELS=tiny" in run.stderr
+    assert (fail.read_text(), hub.read_text()) == texts
 
 
 def test_execute_names_what_it_cannot_find():
@@ -213,7 +224,8 @@ def run_install_cell(monkeypatch, capsys, upgrade: dict[str, tuple[str, str]], l
         versions["minidiff"] = "0.1.0"
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "minidiff" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "minidiff" else real_find_spec(name, *a))
     monkeypatch.setattr(subprocess, "run", fake_pip)
     monkeypatch.setattr(importlib.metadata, "distributions",
                         lambda: [SimpleNamespace(metadata={"Name": n}, version=v) for n, v in versions.items()])
@@ -240,7 +252,8 @@ def test_install_cell_installs_only_the_colab_extra(monkeypatch, capsys):
 
 
 def test_install_cell_asks_for_a_restart_when_an_imported_package_was_upgraded(monkeypatch, capsys):
-    commands, printed, stop = run_install_cell(monkeypatch, capsys, upgrade={"Pillow": ("9.0.0", "10.1.0")}, loaded={"PIL"})
+    commands, printed, stop = run_install_cell(monkeypatch, capsys, upgrade={"Pillow": ("9.0.0", "10.1.0")},
+                                               loaded={"PIL"})
     assert "RESTART NEEDED: pip upgraded pillow, already imported" in printed and "Restart session" in printed
     assert stop is not None and "restart the runtime" in str(stop)
 
