@@ -327,3 +327,22 @@ def test_stateful_schedulers_refuse_steps_out_of_order_or_past_the_end(name):
         scheduler.step(fake_model(scheduler.scale_model_input(x, t), t), t, x)
     with pytest.raises(RuntimeError, match="All 3 steps of the schedule were taken"):
         scheduler.step(x, t2, x)
+
+
+@pytest.mark.parametrize("name", ALL_PAIRS)
+def test_model_output_of_another_shape_is_refused(name):
+    # the classic guidance slip: 2B outputs (uncond and cond) for B samples would broadcast to a batch of 2B
+    scheduler = ALL_PAIRS[name][0].from_config(SD_PNDM_CONFIG)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[0]
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"model_output of the shape of sample, \(1, 4, 8, 8\); found \(2, 4, 8, 8\)"):
+        scheduler.step(torch.zeros(2, 4, 8, 8), t, x)
+    scheduler.step(fake_model(scheduler.scale_model_input(x, t), t), t, x)   # the right shape still steps
+
+
+def test_dpm_learned_variance_channels_still_pass_the_shape_check():
+    scheduler = ALL_PAIRS["dpm"][0].from_config(DDPM_CAT_CONFIG, variance_type="learned_range")
+    scheduler.set_timesteps(10)
+    t, x = scheduler.timesteps[0], torch.zeros(1, 3, 8, 8)
+    scheduler.step(torch.zeros(1, 6, 8, 8), t, x)   # the extra channels hold the variance and are dropped first

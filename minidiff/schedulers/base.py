@@ -221,6 +221,14 @@ class SchedulerBase:
                 "Use fewer steps or another timestep_spacing (e.g. 'trailing')."
             )
 
+    def check_step_shapes(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+        """step() combines model_output and sample elementwise: a shape that merely broadcasts (a guidance
+        batch of 2B outputs for B samples) would silently give another batch."""
+        if model_output.shape != sample.shape:
+            raise ValueError(f"{type(self).__name__}.step() expects model_output of the shape of sample, "
+                             f"{tuple(sample.shape)}; found {tuple(model_output.shape)}. With classifier-free "
+                             "guidance, combine the two halves (uncond + scale * (cond - uncond)) before step().")
+
     def check_train_timesteps(self, timesteps) -> None:
         """add_noise indexes ᾱ_t by t: each t must be a whole number in [0, T-1] (a negative one would wrap
         around to the noisiest steps, a fraction would be truncated)."""

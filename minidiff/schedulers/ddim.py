@@ -97,6 +97,7 @@ class DDIMScheduler(SchedulerBase):
         """x_t -> x_{t-1}. model_output, sample: (B, C, H, W); timestep: a value of `self.timesteps`."""
         if not (isinstance(eta, (int, float)) and 0 <= eta):   # σ_t(η) of eq. 16 is a standard deviation
             raise ValueError(f"eta must be a number >= 0 (0: DDIM, 1: DDPM's posterior noise), found {eta!r}.")
+        self.check_step_shapes(model_output, sample)
         # 1. previous timestep: t - T // n. This is diffusers' rule (exact for "leading" spacing, and for
         #    "trailing" when n divides T); kept so that minidiff and diffusers give the same images.
         self.step_index_of(timestep)  # a clear error for a timestep outside the schedule

@@ -87,6 +87,7 @@ class DDIMInverseScheduler(SchedulerBase):
         `timestep` is the value of `self.timesteps` to step *to*; `prev_sample` is the noisier sample there
         (named as in DDIMScheduler, so that loops read the same).
         """
+        self.check_step_shapes(model_output, sample)
         # 1. the two noise levels: from t (one DDIM step below) up to t_next
         self.step_index_of(timestep)  # a clear error for a timestep outside the schedule
         t_next = int(timestep)

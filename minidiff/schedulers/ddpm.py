@@ -79,6 +79,7 @@ class DDPMScheduler(SchedulerBase):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None) -> SchedulerOutput:
         """x_t -> x_{t-1}. model_output, sample: (B, C, H, W); timestep: a value of `self.timesteps`."""
+        self.check_step_shapes(model_output, sample)
         # 1. this timestep and the previous one of the schedule (-1 after the last: x_0 itself)
         i = self.step_index_of(timestep)
         t = int(self.timesteps[i])

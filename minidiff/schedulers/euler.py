@@ -165,6 +165,7 @@ class EulerDiscreteScheduler(SchedulerBase):
              generator: torch.Generator | list[torch.Generator] | None = None) -> SchedulerOutput:
         """x at σ_i -> x at σ_{i+1}, EDM Algorithm 2 lines 4-8 (no Heun correction). (B, C, H, W) tensors."""
         self.init_step_index(timestep)
+        self.check_step_shapes(model_output, sample)
         sample = sample.to(torch.float32)
         sigma = self.sigmas[self.step_index]
 

@@ -73,6 +73,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
              generator: torch.Generator | list[torch.Generator] | None = None) -> SchedulerOutput:
         """x at σ_i -> x at σ_{i+1}, with fresh noise. model_output, sample: (B, C, H, W)."""
         self.init_step_index(timestep)
+        self.check_step_shapes(model_output, sample)
         sigma = self.sigmas[self.step_index]
         sigma_next = self.sigmas[self.step_index + 1]
         sample = sample.to(torch.float32)

@@ -103,6 +103,7 @@ class MultistepScheduler(SchedulerBase):
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
         """The data prediction x_θ(x_t, t) that both solvers integrate, from any parametrisation. (B, C, H, W)."""
+        self.check_step_shapes(model_output, sample)
         alpha_t, sigma_t = alpha_sigma_from(self.sigmas[i])
         if self.config.prediction_type == "epsilon":    # x_t = α_t x_0 + σ_t ε
             return (sample - sigma_t * model_output) / alpha_t

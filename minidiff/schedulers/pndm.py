@@ -104,6 +104,7 @@ class PNDMScheduler(SchedulerBase):
         """One model output in, one sample out. model_output, sample: (B, C, H, W). PNDM draws no noise;
         `generator` is accepted so that every scheduler has the same `step` signature."""
         self.step_index_of(timestep)  # a clear error before set_timesteps or for a foreign timestep
+        self.check_step_shapes(model_output, sample)
         if self.counter < len(self.prk_timesteps):
             return self.step_prk(model_output, int(timestep), sample)
         return self.step_plms(model_output, int(timestep), sample)
