@@ -2,7 +2,7 @@
 
 minidiff reads from the bottom up, one folder per layer:
 
-    core (config, hub, utils, photos) -> blocks -> models -> schedulers -> pipelines
+    core (config, hub, utils, photos) -> blocks -> models -> schedulers, loaders -> pipelines
         -> techniques (control, training) -> plots, course, CLI (viz, course.py, __main__.py, __init__.py)
 
 Every import in every module is read with `ast`, at module level and inside functions alike: an import
@@ -23,7 +23,7 @@ LAYERS = {
     "core": 0, "checkpoints": 0,
     "blocks": 1,
     "models": 2,
-    "schedulers": 3,
+    "schedulers": 3, "loaders": 3,   # loaders (Textual Inversion, LoRA, Custom Diffusion) change models in place
     "pipelines": 4,
     "control": 5, "training": 5,
     "viz": 6, "course": 6, "__main__": 6, "__init__": 6,

@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from ..core.utils import randn_tensor
+from ..loaders import custom_diffusion, lora, textual_inversion
 from .base import DiffusionPipeline
 from .checks import (NOT_TAKEN, check_callback, check_count, check_decoded, check_guidance_scale, check_latents,
                      check_steps)
@@ -54,6 +55,63 @@ class StableDiffusionPipeline(DiffusionPipeline):
         """One original CompVis / LDM checkpoint file (`.safetensors`, or a `.ckpt` read with no pickle executed),
         offline; SD v1 and v2. Options (`prediction_type`, `extract_ema`, `tokenizer`, `config`, ...): single_file.py."""
         return load_single_file(cls, path, **kwargs)
+
+    # Fine-tuned concepts, with diffusers' method names: the work is done in minidiff/loaders/.
+    def load_textual_inversion(self, pretrained_model_name_or_path, token: str | list[str] | None = None,
+                               tokenizer=None, text_encoder=None, weight_name: str | None = None,
+                               subfolder: str | None = None) -> list[str]:
+        """Add a Textual Inversion concept (diffusers, sd-concepts-library or A1111 file; loaders/textual_inversion.py)
+        to the tokenizer and text encoder; returns the tokens added (`<t>`, `<t>_1`, ... for several vectors)."""
+        return textual_inversion.load_textual_inversion(
+            tokenizer or self.tokenizer, text_encoder or self.text_encoder, pretrained_model_name_or_path, token,
+            weight_name, subfolder)
+
+    def save_textual_inversion(self, save_directory: str, token: str, weight_name: str | None = None,
+                               safe_serialization: bool = True) -> str:
+        """Write `token`'s embedding rows as diffusers' training script does (learned_embeds.safetensors)."""
+        return textual_inversion.save_textual_inversion(save_directory, self.tokenizer, self.text_encoder, token,
+                                                        weight_name, safe_serialization)
+
+    def lora_components(self, components=("unet", "text_encoder")) -> dict:
+        unknown = [c for c in components if c not in lora.COMPONENTS]
+        if unknown:
+            raise ValueError(f"LoRA components are {list(lora.COMPONENTS)}; found {unknown}.")
+        return {c: getattr(self, c) for c in components}
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          weight_name: str | None = None, subfolder: str | None = None) -> str:
+        """Add a LoRA (PEFT/diffusers or kohya format; loaders/lora.py) to the UNet and text encoder, unfused;
+        returns its adapter name (`default_0`, ... unless given)."""
+        return lora.load_lora_weights(self.lora_components(), pretrained_model_name_or_path_or_dict, adapter_name,
+                                      weight_name, subfolder)
+
+    def fuse_lora(self, components=("unet", "text_encoder"), lora_scale: float = 1.0) -> None:
+        """Merge the loaded LoRAs into the weights: W <- W + lora_scale · (α / r) · up @ down."""
+        lora.fuse_lora(self.lora_components(components), lora_scale)
+
+    def unfuse_lora(self, components=("unet", "text_encoder")) -> None:
+        lora.unfuse_lora(self.lora_components(components))
+
+    def unload_lora_weights(self) -> None:
+        """Remove the LoRA layers (fused ones stay in the weights, as in diffusers: unfuse_lora() first)."""
+        lora.unload_lora_weights(self.lora_components())
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
+        """Use only these LoRAs, each scaled by its weight (default 1.0); the others are switched off."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else \
+            [1.0 if adapter_weights is None else adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"Got {len(names)} adapter names and {len(weights)} weights; pass one weight each.")
+        lora.set_adapters(self.lora_components(), names, list(weights))
+
+    @classmethod
+    def save_lora_weights(cls, save_directory: str, unet_lora_layers: dict | None = None,
+                          text_encoder_lora_layers: dict | None = None, weight_name: str | None = None,
+                          safe_serialization: bool = True) -> str:
+        """Write LoRA layers (from `minidiff.loaders.lora_state_dict(pipe.unet)`) in diffusers' file format."""
+        return lora.save_lora_weights(save_directory, unet_lora_layers, text_encoder_lora_layers, weight_name,
+                                      safe_serialization)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from ..loaders.textual_inversion import expand_multi_vector_tokens
+
 
 def as_prompt_list(prompt, what: str = "prompt") -> list[str]:
     """A prompt (str) or prompts (list of str) as a list, with a clear error for anything else."""
@@ -32,6 +34,8 @@ def as_prompt_list(prompt, what: str = "prompt") -> list[str]:
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Prompts -> token ids padded (and truncated) to the tokenizer's 77 positions: (B, 77)."""
     max_length = tokenizer.model_max_length  # 77 for CLIP
+    # A Textual Inversion concept of n vectors is n tokens: "<t>" -> "<t> <t>_1 ... <t>_{n-1}" (loaders/).
+    prompts = [expand_multi_vector_tokens(tokenizer, p) for p in prompts]
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="pt").input_ids
     full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
