@@ -1,4 +1,5 @@
-"""notebooks/run_course.py's fake hub folders: the real configs' structure, random weights, loadable."""
+"""notebooks/run_course.py: the fake hub folders (the real configs' structure, random weights, loadable) and
+run_notebook (an executed copy written elsewhere, the notebook untouched)."""
 
 import importlib.util
 import json
@@ -32,3 +33,17 @@ def test_small_fake_hub_keeps_the_real_structure_and_generates(tmp_path, referen
     ddpm = minidiff.DiffusionPipeline.from_pretrained(str(fakes["ddpm"]))
     ddpm.set_progress_bar_config(disable=True)
     assert ddpm(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_run_notebook_writes_the_executed_copy_and_leaves_the_notebook(tmp_path):
+    import nbformat
+
+    path, out = tmp_path / "01_x.ipynb", tmp_path / "runs" / "01_x.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)", id="a")]), path)
+    text = path.read_text()
+    result = load_run_course().run_notebook(path, out_path=out)
+    assert result["error"] is None and result["seconds"] > 0 and result["peak_allocated_gib"] == 0
+    assert path.read_text() == text                                       # the committed notebook is not modified
+    executed = nbformat.read(out, as_version=4)
+    assert [c.id for c in executed.cells] == ["a"]                        # the memory-reading cell is gone again
+    assert executed.cells[0].outputs[0].text == "42\n" and "execution" not in executed.cells[0].metadata
