@@ -401,6 +401,16 @@ def test_local_looking_paths_never_reach_the_hub(name, tmp_path, monkeypatch):
         minidiff.UNet2DConditionModel.from_pretrained(name, subfolder="unet")
 
 
+def test_a_weight_file_instead_of_its_folder(tmp_path):
+    unet = minidiff.UNet2DModel.from_pretrained("tiny-ddpm", subfolder="unet")
+    unet.save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(FileNotFoundError, match="is a file, but from_pretrained reads a folder .* pass the folder"):
+        minidiff.UNet2DModel.from_pretrained(str(weights))
+    with pytest.raises(FileNotFoundError, match="is a file.*StableDiffusionPipeline.from_single_file"):
+        minidiff.DiffusionPipeline.from_pretrained(weights)
+
+
 def test_a_repo_id_still_goes_to_the_hub(tmp_path, monkeypatch):
     asked = []
 

@@ -57,6 +57,11 @@ def not_found_message(name: str) -> str | None:
     A local-looking path: it starts with ./ ../ / ~, has two or more separators, or its first part is an
     existing folder ("outputs/unet" beside an outputs/ folder). A name without "/" cannot be a repo id.
     """
+    if os.path.isfile(os.path.expanduser(name)):
+        return (f"{name!r} is a file, but from_pretrained reads a folder in the hub layout (config.json and "
+                "diffusion_pytorch_model.safetensors, or a pipeline's model_index.json and subfolders): pass the folder "
+                "that holds it. For one original Stable Diffusion checkpoint file (.safetensors / .ckpt), use "
+                "minidiff.StableDiffusionPipeline.from_single_file.")
     head = name.split("/")[0]
     local = (name.startswith((".", "/", "~")) or name.count("/") >= 2 or os.sep != "/" and os.sep in name
              or ("/" in name and os.path.isdir(head)))
