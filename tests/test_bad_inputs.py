@@ -340,6 +340,11 @@ def test_components_of_the_wrong_kind(sd, ddpm):
     with pytest.raises(TypeError, match=r"unet= got the class UNet2DConditionModel itself; pass a loaded component, "
                                         r"e.g. UNet2DConditionModel.from_pretrained\('tiny-sd', subfolder='unet'\)"):
         minidiff.StableDiffusionPipeline.from_pretrained("tiny-sd", unet=minidiff.UNet2DConditionModel)
+    with pytest.raises(TypeError, match=r"unknown component revision=; its components are \['vae', .*\], and its "
+                                        r"options torch_dtype=, variant="):
+        minidiff.DiffusionPipeline.from_pretrained("tiny-sd", revision="main")
+    with pytest.raises(TypeError, match=r"dtype= is diffusers' newer name for torch_dtype="):
+        minidiff.DiffusionPipeline.from_pretrained("tiny-sd", dtype=torch.float16)
     for name in (None, 3):
         with pytest.raises(TypeError, match="Expected a folder path, a bundled checkpoint name .* found"):
             minidiff.DiffusionPipeline.from_pretrained(name)

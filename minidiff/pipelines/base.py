@@ -89,9 +89,13 @@ class DiffusionPipeline:
 
         for name, value in components.items():
             if name not in pipeline_cls.component_names and name not in NOT_LOADED:
+                # diffusers' loading options that minidiff does not take (revision=, dtype=, device_map=, ...) end
+                # up here too: say which options there are, so that a typo or a diffusers habit is not a mystery.
                 raise TypeError(
                     f"{pipeline_cls.__name__}.from_pretrained got an unknown component {name}=; "
-                    f"its components are {list(pipeline_cls.component_names)}."
+                    f"its components are {list(pipeline_cls.component_names)}, and its options torch_dtype=, "
+                    "variant=, use_safetensors=, cache_dir=, local_files_only=."
+                    + (" (dtype= is diffusers' newer name for torch_dtype=.)" if name == "dtype" else "")
                 )
             if isinstance(value, type) and name != "scheduler":   # the scheduler's own message: its setter
                 raise TypeError(
