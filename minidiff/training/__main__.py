@@ -6,8 +6,11 @@ COMMANDS = {
     "vae": "train tiny-sd's AutoencoderKL",
     "sd": "train tiny-sd's UNet and text encoder on the VAE's latents (needs --vae)",
     "ddpm": "train tiny-ddpm's pixel UNet",
+    "controlnet": "train a ControlNet for the frozen tiny-sd on the shapes' masks",
+    "adapter": "train a T2I-Adapter for the frozen tiny-sd on the shapes' masks",
     "tokenizer": "write the tiny CLIP tokenizer files (--out FOLDER)",
     "evaluate": "classifier accuracy, or the colour / shape scores of a trained model",
+    "evaluate-control": "mask IoU of a ControlNet / T2I-Adapter for tiny-sd, by conditioning scale (--model)",
 }
 
 
@@ -24,6 +27,12 @@ def main(argv=None) -> None:
         from .train_sd import main as run
     elif command == "ddpm":
         from .train_ddpm import main as run
+    elif command == "controlnet":
+        from .train_control import main as run
+    elif command == "adapter":
+        from .train_control import main_adapter as run
+    elif command == "evaluate-control":
+        from .evaluate_control import main as run
     elif command == "evaluate":
         from .evaluate import main as run
     else:

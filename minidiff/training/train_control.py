@@ -1,0 +1,217 @@
+"""Train a tiny ControlNet or a tiny T2I-Adapter for tiny-sd: the object's mask in, an object in that mask out.
+
+    python -m minidiff.training controlnet --out runs/tiny-controlnet-mask --device cpu --max-minutes 15
+    python -m minidiff.training adapter --out runs/tiny-t2i-adapter-mask --device cpu --max-minutes 15
+
+Both keep tiny-sd (UNet, VAE, text encoder) frozen and train only the new network, on the loss tiny-sd was
+trained with (Rombach et al. 2022, eq. 2), the UNet now steered by the condition c (the shape's mask):
+
+    z_0 = scaling_factor * z,  z ~ q(z | x);   t ~ U{0, ..., T-1};   z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) eps
+    ControlNet (Zhang et al. 2023, https://arxiv.org/abs/2302.05543, eq. 5):
+        r = controlnet(z_t, t, text, c)                    one residual per UNet skip + one for the mid block
+        loss = || eps - eps_theta(z_t, t, text | skips + r) ||^2
+    T2I-Adapter (Mou et al. 2023, https://arxiv.org/abs/2302.08453, eq. 6):
+        F = adapter(c)                                     one feature map per UNet down block
+        loss = || eps - eps_theta(z_t, t, text | F added inside the down blocks) ||^2
+
+- The ControlNet starts as `ControlNetModel.from_unet(unet)`: a copy of tiny-sd's encoder whose zero
+  convolutions make every residual 0, so step 0 is exactly tiny-sd (paper sec. 3.1).
+- Half of the captions are replaced by "" (ControlNet paper sec. 3.3): without words to lean on, the new
+  network must learn to read the mask; it also gives guess mode and guidance an unconditional branch.
+- The adapter draws t from the paper's cubic schedule, t = (1 - (u)^3) T with u ~ U[0, 1) (T2I-Adapter
+  sec. 3.4): more large t, where the layout is decided and the condition matters most.
+
+The data: shapes.py images (tiny-sd's own data, so every caption is in its tokenizer) and each shape's mask,
+read off the image: the backgrounds have no chroma (max - min of R, G, B), the shapes are saturated, so a
+pixel whose chroma is at least half the shape's own is inside (`shape_masks`). Why the mask (not edges or
+depth): tiny-sd's UNet sees 8x8 latents, and a mask is a filled region that survives the 8x shrinking of the
+conditioning network, where a one-pixel edge line is a thin trace; in a one-object world a depth map says no
+more than the mask. The mask is also what the evaluation compares (`evaluate_control.py`: IoU).
+
+The output folder is in the hub layout (config.json + diffusion_pytorch_model.safetensors of the EMA
+weights), with the loss log and the command; the training state beside them for --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..core.hub import bundled_path
+from ..models.controlnet import ControlNetModel
+from ..models.t2i_adapter import T2IAdapter
+from ..models.unet_2d_condition import UNet2DConditionModel
+from ..models.vae import AutoencoderKL
+from ..schedulers.ddpm import DDPMScheduler
+from .common import (CommandError, LossLog, add_common_args, ema_update, load_images, load_state, pick_device,
+                     prepare_run_folder, run_command, save_state)
+from .tokenizer import MODEL_MAX_LENGTH
+from .train_sd import SCHEDULER_CONFIG, encode_latents
+
+COMMAND_NAME = "command.txt"
+# The conditioning embedding's widths: 3 stride-2 convs (64 px -> 8, the VAE's factor), narrower than SD's
+# (16, 32, 96, 256) to suit tiny-sd's 64-channel UNet.
+CONDITIONING_WIDTHS = (16, 32, 64, 64)
+
+
+def shape_masks(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) shapes.py images -> float (N, 1, H, W) masks in {0, 1}: chroma >= half the shape's."""
+    rgb = images.float() / 255
+    chroma = rgb.amax(1, keepdim=True) - rgb.amin(1, keepdim=True)            # (N, 1, H, W); 0 on the background
+    full = chroma.flatten(1).amax(1)[:, None, None, None]                      # (N, 1, 1, 1): a fully covered pixel
+    return (chroma >= 0.5 * full).float()
+
+
+def load_frozen_sd(path: str, device: torch.device):
+    """tiny-sd's UNet, VAE, text encoder and tokenizer, in eval mode and with requires_grad False."""
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    for model in (unet, vae, text_encoder):
+        model.to(device).eval().requires_grad_(False)
+    return unet, vae, text_encoder, tokenizer
+
+
+def make_adapter(unet: UNet2DConditionModel) -> T2IAdapter:
+    """A full_adapter whose feature i has the width of the UNet's down block i; reads a 1-channel mask."""
+    return T2IAdapter.from_config({"in_channels": 1, "channels": list(unet.config.block_out_channels),
+                                   "num_res_blocks": 2, "downscale_factor": 8, "adapter_type": "full_adapter"})
+
+
+def predict_noise(kind: str, net, unet, z_t, t, context, condition):
+    """eps_theta(z_t, t, text | condition), the UNet steered by the ControlNet's residuals or the adapter's features."""
+    if kind == "controlnet":
+        out = net(z_t, t, context, condition.expand(-1, 3, -1, -1))           # mask as RGB: (B, 3, 64, 64)
+        return unet(z_t, t, context, down_block_additional_residuals=out.down_block_res_samples,
+                    mid_block_additional_residual=out.mid_block_res_sample).sample
+    features = net(condition)                                                  # [(B, 64, 8, 8), (B, 128, 4, 4)]
+    return unet(z_t, t, context, down_intrablock_additional_residuals=features).sample
+
+
+def sample_timesteps(kind: str, B: int, T: int, generator: torch.Generator, device) -> torch.Tensor:
+    """(B,) training timesteps: uniform for ControlNet; cubic for the adapter (T2I-Adapter sec. 3.4)."""
+    if kind == "controlnet":
+        return torch.randint(T, (B,), generator=generator, device=device)
+    u = torch.rand(B, generator=generator, device=device)
+    return ((1 - u ** 3) * T).long().clamp(0, T - 1)
+
+
+def train(args, kind: str, command: list[str]):
+    device = pick_device(args.device)
+    sd_path = args.sd if os.path.isdir(args.sd) else bundled_path(args.sd)
+    if sd_path is None:
+        raise CommandError(f"--sd {args.sd}: expected a tiny-sd pipeline folder or the bundled name 'tiny-sd', "
+                           "found neither. Check the path.")
+    if not 0 <= args.caption_dropout <= 1:
+        raise CommandError(f"--caption-dropout must be in [0, 1]; found {args.caption_dropout}.")
+    prepare_run_folder(args, inputs={"--sd": sd_path})
+    with open(os.path.join(args.out, COMMAND_NAME), "a" if args.resume else "w") as f:    # each command of the run
+        f.write("python -m minidiff.training " + " ".join([kind, *command]) + "\n")
+    torch.manual_seed(args.seed)
+
+    # 1. the frozen tiny-sd, and the data: latents of the VAE, the shapes' masks, the captions' token ids
+    unet, vae, text_encoder, tokenizer = load_frozen_sd(sd_path, device)
+    images, captions = load_images(args, resolution=64, device=device)
+    masks = shape_masks(images)                                                # (N, 1, 64, 64)
+    latent_mean, latent_std = encode_latents(vae, images)                      # (N, 4, 8, 8) each
+    del images
+    scaling_factor = vae.config.scaling_factor
+    tokens = tokenizer(captions, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
+                       return_tensors="pt").input_ids.to(device)               # (N, 77)
+    empty = tokenizer([""], padding="max_length", max_length=MODEL_MAX_LENGTH,
+                      return_tensors="pt").input_ids.to(device)                # (1, 77)
+
+    # 2. the network that trains, and its EMA
+    if args.init:
+        net = (ControlNetModel if kind == "controlnet" else T2IAdapter).from_pretrained(args.init)
+    elif kind == "controlnet":
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_WIDTHS)
+    else:
+        net = make_adapter(unet)
+    net = net.to(device).train().requires_grad_(True)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    noise_schedule = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    noise_schedule.alphas_cumprod = noise_schedule.alphas_cumprod.to(device)
+    T = noise_schedule.config.num_train_timesteps
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    modules = {kind: net, "ema": ema}
+    step, seconds = 0, 0.0
+    if args.resume:
+        step, seconds = load_state(args.out, modules, optimizer, generator)
+    log = LossLog(args.out, args.resume)
+
+    start = time.time() - seconds
+    B, done = args.batch_size, step
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=kind)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        # 3. z_0 ~ q(z | x), its mask c, its caption (half of them "")
+        idx = torch.randint(len(tokens), (B,), generator=generator, device=device)
+        mean, std = latent_mean[idx], latent_std[idx]                          # (B, 4, 8, 8) each
+        z0 = scaling_factor * (mean + std * torch.randn(mean.shape, generator=generator, device=device))
+        condition = masks[idx]                                                 # (B, 1, 64, 64)
+        drop = torch.rand(B, generator=generator, device=device) < args.caption_dropout
+        ids = torch.where(drop[:, None], empty, tokens[idx])                   # (B, 77)
+        # 4. t, eps and z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) eps
+        t = sample_timesteps(kind, B, T, generator, device)
+        eps = torch.randn(z0.shape, generator=generator, device=device)
+        z_t = noise_schedule.add_noise(z0, eps, t)
+        # 5. || eps - eps_theta(z_t, t, text | c) ||^2; gradients reach only the ControlNet / adapter
+        with torch.no_grad():
+            context = text_encoder(ids)[0]                                     # (B, 77, 64)
+        loss = F.mse_loss(predict_noise(kind, net, unet, z_t, t, context, condition), eps)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, net, args.ema_decay)
+
+        done = step + 1
+        out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
+        if step % 25 == 0 or done == args.steps or out_of_time:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(step, time.time() - start, loss=loss.item())
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
+            save_state(args.out, done, modules, optimizer, generator, time.time() - start)
+            ema.save_pretrained(args.out)                                      # a usable checkpoint at every save
+        if out_of_time:
+            print(f"stopping after {done} steps: --max-minutes {args.max_minutes} reached")
+            break
+
+    # 6. the hub layout: config.json + diffusion_pytorch_model.safetensors (the EMA weights)
+    ema.eval().save_pretrained(args.out)
+    print(f"{kind}: {done} steps in {time.time() - start:.0f} s, saved to {args.out}")
+    return ema
+
+
+def main(argv=None, kind: str = "controlnet") -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m minidiff.training {kind}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, steps=100_000, batch_size=32, lr=2e-4)
+    parser.set_defaults(num_images=5_000, warmup=100, save_every=250, ema_decay=0.995)
+    parser.add_argument("--sd", default="tiny-sd", help="the frozen text-to-image pipeline folder (default: "
+                        "the bundled tiny-sd)")
+    parser.add_argument("--caption-dropout", type=float, default=0.5, help="share of captions replaced by ''")
+    command = sys.argv[1:] if argv is None else list(argv)
+    run_command(parser, lambda args: train(args, kind, command), argv)
+
+
+def main_adapter(argv=None) -> None:
+    main(argv, kind="adapter")
+
+
+if __name__ == "__main__":
+    main()
