@@ -144,7 +144,8 @@ def test_minidiff_components_hold_every_bundled_tensor(folder, part, cls):
 def test_text_encoder_file_has_sd_v1_key_layout():
     """Keys as in CompVis/stable-diffusion-v1-4's text_encoder/model.safetensors (`text_model.embeddings.*`,
     `text_model.encoder.layers.N.*`, `text_model.final_layer_norm.*`): every transformers version loads those.
-    transformers 5 writes them without the prefix (and reads both), 4.x reads only the prefixed ones."""
+    The file's first version, written by training under transformers 5.17, lacked the prefix: transformers 5
+    reads both layouts, 4.x only the prefixed one (5.25's save_pretrained writes the prefix again)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = os.path.join(TINY_SD, "text_encoder")
