@@ -29,5 +29,6 @@ from .control import (SemanticStableDiffusionPipeline, StableDiffusionAttendAndE
                       StableDiffusionPanoramaPipeline, StableDiffusionPix2PixZeroPipeline,
                       StableDiffusionPromptWeightingPipeline, StableDiffusionSAGPipeline)
 from .control import StableDiffusionAdapterPipeline, StableDiffusionControlNetPipeline
+from .control import StableDiffusionDepth2ImgPipeline, StableDiffusionInstructPix2PixPipeline
 
 from . import checkpoints  # minidiff.checkpoints.TINY_SD / TINY_DDPM: the bundled folders

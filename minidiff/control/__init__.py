@@ -15,6 +15,8 @@
 | `model_editing.py`     | TIME, text-to-image model editing (Orgad et al. 2023)     | `StableDiffusionModelEditingPipeline`     |
 | `controlnet.py`        | ControlNet (Zhang et al. 2023)                            | `StableDiffusionControlNetPipeline`       |
 | `t2i_adapter.py`       | T2I-Adapter (Mou et al. 2023)                             | `StableDiffusionAdapterPipeline`          |
+| `instruct_pix2pix.py`  | InstructPix2Pix, edit by instruction (Brooks et al. 2023) | `StableDiffusionInstructPix2PixPipeline`  |
+| `depth2img.py`         | depth-to-image, stable-diffusion-2-depth (MiDaS / DPT)    | `StableDiffusionDepth2ImgPipeline`        |
 
 `conditions.py` makes their condition images (Canny edges, masks, depth maps) without OpenCV.
 `attention_maps.py` captures the UNet's attention maps; SAG, Attend-and-Excite and Pix2Pix-Zero use it.
@@ -37,3 +39,5 @@ from .model_editing import StableDiffusionModelEditingPipeline, align_tokens
 from .conditions import canny, condition_tensor, depth_to_image, mask_to_image
 from .controlnet import StableDiffusionControlNetPipeline
 from .t2i_adapter import StableDiffusionAdapterPipeline
+from .instruct_pix2pix import StableDiffusionInstructPix2PixPipeline
+from .depth2img import StableDiffusionDepth2ImgPipeline

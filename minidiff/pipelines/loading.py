@@ -35,7 +35,7 @@ MODEL_INDEX_NAME = "model_index.json"
 NOT_LOADED = ("safety_checker", "feature_extractor")
 
 
-# model_index.json class name -> the minidiff class that loads it. The two transformers classes are
+# model_index.json class name -> the minidiff class that loads it. The transformers classes are
 # imported only when a Stable Diffusion folder is loaded (importing transformers takes seconds).
 MODEL_CLASSES = {
     "UNet2DModel": UNet2DModel,
@@ -44,7 +44,11 @@ MODEL_CLASSES = {
     "ControlNetModel": ControlNetModel,   # the controlnet of StableDiffusionControlNetPipeline folders
     "T2IAdapter": T2IAdapter,             # the adapter of StableDiffusionAdapterPipeline folders
 }
-TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTokenizer")
+TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTokenizer", "DPTForDepthEstimation", "DPTImageProcessor",
+                        "DPTFeatureExtractor")
+# stable-diffusion-2-depth's model_index.json names DPTFeatureExtractor, which transformers 5 removed; its successor
+# DPTImageProcessor reads the same preprocessor_config.json.
+RENAMED_TRANSFORMERS_CLASSES = {"DPTFeatureExtractor": "DPTImageProcessor"}
 
 # A folder's scheduler `_class_name` -> the minidiff scheduler that reads its scheduler_config.json.
 SCHEDULER_CLASSES = {
@@ -76,16 +80,20 @@ def load_component(folder: str, name: str, library_and_class, torch_dtype, varia
         return SCHEDULER_CLASSES[class_name].from_pretrained(folder, subfolder=subfolder)
 
     if class_name in TRANSFORMERS_CLASSES:
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTokenizer, DPTForDepthEstimation, DPTImageProcessor
 
+        class_name = RENAMED_TRANSFORMERS_CLASSES.get(class_name, class_name)
         path = os.path.join(folder, name)
         # transformers' errors on a broken file (e.g. "incomplete metadata" for a truncated safetensors) do not
         # say which file or component they are about; this one does.
         try:
             if class_name == "CLIPTokenizer":
                 return CLIPTokenizer.from_pretrained(path)
+            if class_name == "DPTImageProcessor":
+                return DPTImageProcessor.from_pretrained(path)
+            model_cls = DPTForDepthEstimation if class_name == "DPTForDepthEstimation" else CLIPTextModel
             dtype = transformers_dtype_kwargs(torch_dtype or torch.float32)  # dtype= or torch_dtype=, by version
-            return CLIPTextModel.from_pretrained(path, **dtype, variant=variant, use_safetensors=use_safetensors).eval()
+            return model_cls.from_pretrained(path, **dtype, variant=variant, use_safetensors=use_safetensors).eval()
         except Exception as e:
             files = sorted(os.listdir(path)) if os.path.isdir(path) else "no such folder"
             raise OSError(f"Could not load the {name} ({class_name}) from {path} (files: {files}): "
@@ -114,7 +122,7 @@ def download_components(repo_id, index, names, variant, use_safetensors, cache_d
         files = []
         for name in names:
             library, _ = index[name]
-            if name in ("scheduler", "tokenizer"):
+            if name in ("scheduler", "tokenizer", "feature_extractor"):   # configs only, no weights
                 continue
             base = "model" if library == "transformers" else "diffusion_pytorch_model"
             files += [f"{name}/{base}{suffix}.{fmt}", f"{base}{suffix}.{fmt}"]  # subfolder, or flat repo root
@@ -127,7 +135,8 @@ def download_components(repo_id, index, names, variant, use_safetensors, cache_d
     try:
         folder = snapshot_download(repo_id, allow_patterns=patterns + weight_files(first),
                                    cache_dir=cache_dir, local_files_only=offline)
-        lacking = [n for n in names if n not in ("scheduler", "tokenizer") and not _has_weights(folder, n, first)]
+        lacking = [n for n in names if n not in ("scheduler", "tokenizer", "feature_extractor")
+                   and not _has_weights(folder, n, first)]
         if lacking and use_safetensors is None:  # an older repo with .bin files only
             folder = snapshot_download(repo_id, allow_patterns=patterns + weight_files("bin"),
                                        cache_dir=cache_dir, local_files_only=offline)
