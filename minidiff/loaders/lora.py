@@ -19,6 +19,10 @@ PEFT names it). The files people download name the same modules in three ways (t
 α defaults to r (scale 1) where a file stores none, as in diffusers. Every key is matched to a module of this
 UNet or text encoder, and every shape checked, before any layer is changed: a LoRA for another architecture or
 with keys that fit nothing is refused with the list.
+
+Where minidiff departs from diffusers 0.42.1 (+ peft): after `fuse_lora(lora_scale=0.7)` and `unfuse_lora()`,
+diffusers keeps running the LoRA at 0.7 (peft's scale_layer is not undone), minidiff at the scale it was loaded
+with; a LoRA whose keys fit no layer, or an empty one, is refused where diffusers loads nothing with a warning.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class LoRAAdapter(nn.Module):
         self.rank = down.shape[0]                                            # r
         self.alpha = float(alpha)
         self.weight = 1.0                                                    # s, set_adapters' adapter weight
+        self.active = True                                                   # in use (set_adapters chooses)
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, self.rank, bias=False)   # (r, in)
             self.up = nn.Linear(self.rank, base.out_features, bias=False)    # (out, r)
@@ -72,7 +77,7 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRALayer(nn.Module):
-    """base_layer(x) + Σ_adapters s · (α / r) · up(down(x)); fused adapters are already inside base_layer.weight."""
+    """base_layer(x) + Σ_active adapters s · (α / r) · up(down(x)); fused ones are already inside base_layer.weight."""
 
     def __init__(self, base_layer: nn.Linear | nn.Conv2d):
         super().__init__()
@@ -83,15 +88,15 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)                                             # W x (+ b)
         for name, adapter in self.adapters.items():
-            if name not in self.fused_scales:
+            if adapter.active and name not in self.fused_scales:
                 out = out + adapter.weight * (adapter.alpha / adapter.rank) * adapter.up(adapter.down(x))
         return out
 
     @torch.no_grad()
     def fuse(self, lora_scale: float) -> None:
-        """W <- W + lora_scale · s · (α / r) · up @ down for every adapter not fused yet."""
+        """W <- W + lora_scale · s · (α / r) · up @ down for every active adapter not fused yet."""
         for name, adapter in self.adapters.items():
-            if name not in self.fused_scales:
+            if adapter.active and name not in self.fused_scales:
                 scale = lora_scale * adapter.weight
                 self.base_layer.weight += adapter.delta_weight(scale)
                 self.fused_scales[name] = scale
@@ -236,7 +241,9 @@ def check_lora(state_dict: dict, components: dict[str, nn.Module], source: str, 
 def load_lora_weights(components: dict[str, nn.Module], pretrained_model_name_or_path_or_dict,
                       adapter_name: str | None = None, weight_name: str | None = None,
                       subfolder: str | None = None) -> str:
-    """Wrap each layer a LoRA names in a LoRALayer (or add an adapter to it); returns the adapter's name."""
+    """Wrap each layer a LoRA names in a LoRALayer (or add an adapter to it); returns the adapter's name.
+
+    As in diffusers, the adapter loaded last is the one in use: `set_adapters` combines several."""
     state_dict, source, metadata = read_lora(pretrained_model_name_or_path_or_dict, weight_name, subfolder)
     loaded = adapter_names(components)
     adapter_name = adapter_name if adapter_name is not None else f"default_{len(loaded)}"
@@ -257,6 +264,7 @@ def load_lora_weights(components: dict[str, nn.Module], pretrained_model_name_or
             layer = LoRALayer(layer)
             setattr(model.get_submodule(parent_name), child, layer)
         layer.adapters[adapter_name] = LoRAAdapter(layer.base_layer, down, up, alpha)
+    use_adapters(components, [adapter_name], [1.0])
     return adapter_name
 
 
@@ -282,17 +290,22 @@ def unload_lora_weights(components: dict[str, nn.Module]) -> None:
 
 
 def set_adapters(components: dict[str, nn.Module], names: list[str], weights: list[float]) -> None:
-    """Scale each named adapter by its weight s and switch off (s = 0) the others, unfused layers only."""
+    """Use the named adapters, each scaled by its weight s, and switch the others off (unfused layers only)."""
     loaded = adapter_names(components)
     missing = [n for n in names if n not in loaded]
     if missing:
         raise ValueError(f"No adapter named {missing}; loaded: {loaded}.")
+    if any(layer.fused_scales for model in components.values() for layer in lora_layers(model).values()):
+        raise ValueError("The LoRA weights are fused: set_adapters would not change them. Call unfuse_lora() first.")
+    use_adapters(components, names, weights)
+
+
+def use_adapters(components: dict[str, nn.Module], names: list[str], weights: list[float]) -> None:
     for model in components.values():
         for layer in lora_layers(model).values():
-            if layer.fused_scales:
-                raise ValueError("set_adapters on fused LoRA weights would not change them; unfuse_lora() first.")
             for name, adapter in layer.adapters.items():
-                adapter.weight = weights[names.index(name)] if name in names else 0.0
+                adapter.active = name in names
+                adapter.weight = weights[names.index(name)] if adapter.active else 1.0
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
