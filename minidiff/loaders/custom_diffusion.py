@@ -17,6 +17,14 @@ diffusers' training script saves (techniques.md, "Custom Diffusion"):
 Each learned matrix replaces the weight of the layer it was trained for (the file's copies take no bias, like
 to_k / to_v), so loading is a checked copy into attn2.to_k / to_v. `save_attn_procs` writes every attn2's to_k /
 to_v the same way, so a concept fine-tuned in minidiff loads in diffusers.
+
+They are functions of the UNet, `load_attn_procs(pipe.unet, path)`, not methods of it: minidiff's models sit below
+the loaders and do not import them. Where diffusers 0.42.1 differs (checked in tests/test_custom_diffusion.py):
+- `pipe.unet.load_attn_procs(path, weight_name=...)` builds the processors but installs them only when the
+  private `_pipeline=` is given (diffusers issue 9320): called as its docstring shows, it silently changes nothing.
+- without weight_name= it looks for pytorch_lora_weights.*; minidiff looks for pytorch_custom_diffusion_weights.*.
+- its own .safetensors files lack the {} of the self-attention layers, and it then refuses them (a processor count
+  mismatch); minidiff reads both.
 """
 
 from __future__ import annotations
