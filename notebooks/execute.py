@@ -45,6 +45,7 @@ VOLATILE_CELL_METADATA = (
     "ExecuteTime",      # the jupyter_contrib ExecuteTime extension
     "collapsed",        # Jupyter's view state of the output area
     "scrolled",
+    "jp-MarkdownHeadingCollapsed",   # JupyterLab: a folded heading
     "colab",            # Colab: output heights, base_uri
     "outputId",         # Colab: an id per output, new at each run
 )
