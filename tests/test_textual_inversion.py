@@ -89,6 +89,17 @@ def test_multi_vector_prompt_expansion_and_several_concepts(sd_folder):
     assert max_pixel_diff(a, b) <= 1 / 255
 
 
+def test_a1111_safetensors_takes_the_file_name(sd_folder, tmp_path):
+    save_file({"emb_params": rows(2, 6)}, tmp_path / "shiny-style.safetensors")
+    mine, ref = pair(sd_folder)
+    assert mine.load_textual_inversion(str(tmp_path / "shiny-style.safetensors")) == ["shiny-style", "shiny-style_1"]
+    # diffusers names the concept after the key: the same rows under the token "emb_params"
+    ref.load_textual_inversion(str(tmp_path / "shiny-style.safetensors"))
+    a = mine("a shiny-style house", generator=gen(2), **RUN).images
+    b = ref("a emb_params house", generator=gen(2), **RUN).images
+    assert max_pixel_diff(a, b) <= 1 / 255
+
+
 def test_token_argument_renames_and_bare_tensor(sd_folder, tmp_path):
     path = write(tmp_path, "diffusers", "<stored>", rows(2, 3))
     mine, ref = pair(sd_folder)

@@ -12,10 +12,14 @@ The files people download (techniques.md, "Textual Inversion"):
     A1111 / webui       name.pt (pickle)                       {"string_to_param": {"*": (n, D)}, "name": str,
                                                                 "string_to_token": {"*": 265}, "step": int,
                                                                 "sd_checkpoint": str, "sd_checkpoint_name": str}
+    A1111 / webui       name.safetensors                       {"emb_params": (n, D)}: the file name is the word
 
 The webui writes plain dicts, strings and numbers, which `torch.load(weights_only=True)` reads. Files saved by
 the original textual_inversion code (rinongal, 2022) hold a `torch.nn.ParameterDict` instead: a module class,
 which weights_only refuses, so minidiff refuses the file, names it and runs nothing from it.
+
+Where diffusers 0.42.1 differs: it takes the key `emb_params` of an A1111 safetensors file as the token (the
+webui uses the file's name, as minidiff does).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def token_and_embedding(data, token: str | None, source: str) -> tuple[str, torc
         found_token, embedding = data.get("name"), params["*"]
         if token is None and not isinstance(found_token, str):
             raise ValueError(f"{source} (A1111 format) has no 'name'; pass token='<your-token>'.")
+    elif isinstance(data, dict) and set(data) == {"emb_params"}:  # A1111's .safetensors: the file name is the word
+        found_token, embedding = os.path.splitext(os.path.basename(source))[0], data["emb_params"]
     elif isinstance(data, dict) and len(data) == 1:              # diffusers / sd-concepts-library
         found_token, embedding = next(iter(data.items()))
     else:
