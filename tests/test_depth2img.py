@@ -192,3 +192,29 @@ def test_without_a_depth_estimator_depth_map_is_needed(pair):
         minidiff.StableDiffusionDepth2ImgPipeline(**{**ours.components, "feature_extractor": None})
     with pytest.raises(TypeError, match="depth_estimator must be an instance of DPTForDepthEstimation"):
         minidiff.StableDiffusionDepth2ImgPipeline(**{**ours.components, "depth_estimator": ours.vae})
+
+
+@pytest.mark.xfail(strict=True, reason="pipelines/base.py treats every 'feature_extractor' as the safety checker's: "
+                   "it warns that it is not loaded (it is) and drops one passed to from_pretrained. Needs base.py to "
+                   "skip NOT_LOADED names that the pipeline class lists in component_names.")
+def test_from_pretrained_keeps_a_given_feature_extractor_and_does_not_warn(folder, pair):
+    ours, _ = pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = minidiff.DiffusionPipeline.from_pretrained(folder, feature_extractor=ours.feature_extractor)
+    assert pipe.feature_extractor is ours.feature_extractor
+    assert not [w for w in caught if "does not load" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_v_prediction_and_other_schedulers_equal_diffusers(pair, name):
+    """The depth UNet read as a v-prediction model with three other schedulers: both libraries agree."""
+    ours, theirs = pair
+    o = quiet(minidiff.StableDiffusionDepth2ImgPipeline(**ours.components))
+    o.scheduler = getattr(minidiff, name).from_config(ours.scheduler.config, prediction_type="v_prediction")
+    t = quiet(diffusers.StableDiffusionDepth2ImgPipeline(**theirs.components))
+    t.scheduler = getattr(diffusers, name).from_config(theirs.scheduler.config, prediction_type="v_prediction")
+    run = dict(image=photo(5), depth_map=ramp(1), strength=0.9, num_inference_steps=6, output_type="np")
+    a = o("a house", generator=gen(8), **run).images
+    b = t("a house", generator=gen(8), **run).images
+    assert max_pixel_diff(a, b) <= PIXEL

@@ -2,6 +2,8 @@
 small random folder in timbrooks/instruct-pix2pix's layout (UNet in_channels 8, Euler ancestral), every weight
 random; and its refusals of bad input before any work."""
 
+import copy
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -144,3 +146,34 @@ def test_a_unet_without_8_input_channels_is_refused(tiny_sd_pair):
     pipe = quiet(minidiff.StableDiffusionInstructPix2PixPipeline(**tiny_sd_pair[0].components))
     with pytest.raises(ValueError, match="in_channels=8 .*this UNet has in_channels=4.*timbrooks/instruct-pix2pix"):
         pipe("turn it blue", image=photo(1), num_inference_steps=2)
+
+
+@pytest.mark.parametrize("name, options, dtype", [
+    ("EulerAncestralDiscreteScheduler", {}, torch.float32),
+    ("DDIMScheduler", {}, torch.float32),
+    ("PNDMScheduler", {"skip_prk_steps": True}, torch.float32),     # as every SD folder configures it
+    # PNDM's Runge-Kutta warm-up on this random v-model amplifies float32 rounding to 7/255 between the two
+    # libraries (measured); in float64 they agree exactly, so the steps are the same.
+    ("PNDMScheduler", {"skip_prk_steps": False}, torch.float64),
+])
+def test_v_prediction_equals_diffusers(pair, name, options, dtype):
+    """The same UNet read as a v-prediction model (as an SD 2-1-based edit model would be): the guidance combines
+    v's as it combines ε's, and each scheduler turns v into x0 and ε; both libraries agree."""
+    ours, theirs = pair
+    o = quiet(minidiff.StableDiffusionInstructPix2PixPipeline(**ours.components))
+    o.scheduler = getattr(minidiff, name).from_config(ours.scheduler.config, prediction_type="v_prediction", **options)
+    t = quiet(diffusers.StableDiffusionInstructPix2PixPipeline(**theirs.components))
+    t.scheduler = getattr(diffusers, name).from_config(theirs.scheduler.config, prediction_type="v_prediction",
+                                                       **options)
+    if dtype != torch.float32:   # on copies: the shared pair stays in float32
+        o = quiet(minidiff.StableDiffusionInstructPix2PixPipeline(
+            **{**o.components, "unet": copy.deepcopy(o.unet), "vae": copy.deepcopy(o.vae),
+               "text_encoder": copy.deepcopy(o.text_encoder)})).to(dtype)
+        t = quiet(diffusers.StableDiffusionInstructPix2PixPipeline(
+            vae=copy.deepcopy(t.vae).to(dtype), text_encoder=copy.deepcopy(t.text_encoder).to(dtype),
+            tokenizer=t.tokenizer, unet=copy.deepcopy(t.unet).to(dtype), scheduler=t.scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False))
+    run = dict(image=photo(4), num_inference_steps=5, output_type="np")
+    a = o("make it green", generator=gen(6), **run).images
+    b = t("make it green", generator=gen(6), **run).images
+    assert max_pixel_diff(a, b) <= PIXEL
