@@ -53,7 +53,7 @@ class LoRAAdapter(nn.Module):
         super().__init__()
         self.rank = down.shape[0]                                            # r
         self.alpha = float(alpha)
-        self.weight = 1.0                                                    # s, set_adapters' adapter weight
+        self.adapter_weight = 1.0                                            # s, set_adapters' weight
         self.active = True                                                   # in use (set_adapters chooses)
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, self.rank, bias=False)   # (r, in)
@@ -89,7 +89,7 @@ class LoRALayer(nn.Module):
         out = self.base_layer(x)                                             # W x (+ b)
         for name, adapter in self.adapters.items():
             if adapter.active and name not in self.fused_scales:
-                out = out + adapter.weight * (adapter.alpha / adapter.rank) * adapter.up(adapter.down(x))
+                out = out + adapter.adapter_weight * (adapter.alpha / adapter.rank) * adapter.up(adapter.down(x))
         return out
 
     @torch.no_grad()
@@ -97,7 +97,7 @@ class LoRALayer(nn.Module):
         """W <- W + lora_scale · s · (α / r) · up @ down for every active adapter not fused yet."""
         for name, adapter in self.adapters.items():
             if adapter.active and name not in self.fused_scales:
-                scale = lora_scale * adapter.weight
+                scale = lora_scale * adapter.adapter_weight
                 self.base_layer.weight += adapter.delta_weight(scale)
                 self.fused_scales[name] = scale
 
@@ -153,10 +153,22 @@ def kohya_table(components: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
     table = {}
     for prefix, component in KOHYA_PREFIXES.items():
         if component in components:
-            for name, module in components[component].named_modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d, LoRALayer)) and name:
-                    table[prefix + name.replace(".", "_")] = (component, name)
+            for name in layer_names(components[component]):
+                table[prefix + name.replace(".", "_")] = (component, name)
     return table
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """The Linear and Conv2d layers a LoRA may adapt (a LoRALayer counts as its layer, its insides do not)."""
+    names, wrapped = [], ()
+    for name, module in model.named_modules():
+        if name.startswith(wrapped):
+            continue
+        if isinstance(module, LoRALayer):
+            wrapped += (name + ".",)
+        if isinstance(module, (nn.Linear, nn.Conv2d, LoRALayer)):
+            names.append(name)
+    return names
 
 
 def read_lora(pretrained_model_name_or_path_or_dict, weight_name: str | None = None, subfolder: str | None = None):
@@ -194,18 +206,20 @@ def check_lora(state_dict: dict, components: dict[str, nn.Module], source: str, 
         component, module, kind = parsed
         grouped.setdefault((component, module), {})[kind] = value
     found = {}
+    layers = {component: set(layer_names(model)) for component, model in components.items()}
     for (component, module), parts in grouped.items():
-        try:
-            base = components[component].get_submodule(module)
-        except AttributeError:
-            unknown.append(f"{component}.{module} (no such layer)")
+        if module not in layers[component]:
+            what = "no such layer"
+            try:
+                what = f"a {type(components[component].get_submodule(module)).__name__}, not a Linear or Conv2d"
+            except AttributeError:
+                pass
+            unknown.append(f"{component}.{module} ({what})")
             continue
+        base = components[component].get_submodule(module)
         base = base.base_layer if isinstance(base, LoRALayer) else base
         if "down" not in parts or "up" not in parts:
             unknown.append(f"{component}.{module} (has {sorted(parts)}; a LoRA layer needs both down and up)")
-            continue
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
-            unknown.append(f"{component}.{module} (a {type(base).__name__}, not a Linear or Conv2d)")
             continue
         down, up = parts["down"], parts["up"]
         r = down.shape[0]
@@ -305,7 +319,7 @@ def use_adapters(components: dict[str, nn.Module], names: list[str], weights: li
         for layer in lora_layers(model).values():
             for name, adapter in layer.adapters.items():
                 adapter.active = name in names
-                adapter.weight = weights[names.index(name)] if adapter.active else 1.0
+                adapter.adapter_weight = weights[names.index(name)] if adapter.active else 1.0
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
