@@ -218,3 +218,14 @@ def test_v_prediction_and_other_schedulers_equal_diffusers(pair, name):
     a = o("a house", generator=gen(8), **run).images
     b = t("a house", generator=gen(8), **run).images
     assert max_pixel_diff(a, b) <= PIXEL
+
+
+def test_bfloat16_reaches_the_depth_estimator_and_runs(folder):
+    """torch_dtype loads the DPT in it too; its estimate runs under autocast (as diffusers, for DPT-Hybrid's batch
+    norms) and the whole call gives a finite image."""
+    pipe = load_minidiff(minidiff.DiffusionPipeline, folder, torch_dtype=torch.bfloat16)
+    assert pipe.depth_estimator.dtype == pipe.unet.dtype == torch.bfloat16
+    depth = pipe.depth_channel(pipe.estimate_depth(photo(1), torch.bfloat16), (8, 8))
+    assert depth.dtype == torch.bfloat16 and depth.amin() == -1 and depth.amax() == 1
+    images = pipe("a house", image=photo(1), num_inference_steps=3, generator=gen(0), output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
