@@ -145,6 +145,8 @@ def test_bad_inputs(sd_folder, tmp_path):
     assert_refused(mine, [{"<x>": rows(1, 0)}, {"<x>": rows(1, 1)}], r"duplicates")
     assert_refused(mine, [{"<x>": rows(1, 0)}, {"<y>": rows(1, 1)}], r"2 embeddings and 1 tokens", token=["<x>"])
     assert_refused(mine, {"<z>": torch.randn(0, 32)}, r"\(D,\) or \(n, D\) tensor")
+    assert_refused(mine, {"<nan>": torch.full((1, 32), float("nan"))}, r"NaN or inf")
+    assert_refused(mine, rows(1, 0), r"token as a non-empty string", token=" ")
     # a second concept may not reuse a loaded token, nor its _1 row
     mine.load_textual_inversion({"<twice>": rows(2, 0)})
     assert_refused(mine, {"<twice>": rows(1, 1)}, r"already in the tokenizer's vocabulary")

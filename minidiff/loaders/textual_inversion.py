@@ -110,6 +110,11 @@ def load_textual_inversion(tokenizer, text_encoder, pretrained_model_name_or_pat
             raise ValueError(f"{where}: the embedding is {embedding.shape[1]} wide but this text encoder's token "
                              f"embeddings are {width} wide (SD v1: 768, SD 2: 1024). The concept was trained for "
                              "another model; use an embedding made for this one.")
+        if not torch.isfinite(embedding).all():
+            raise ValueError(f"{where}: the embedding holds NaN or inf; every image with the token would be black. "
+                             "The file is damaged or the training diverged: use another embedding.")
+        if not isinstance(tok, str) or not tok.strip():
+            raise TypeError(f"{where}: expected the token as a non-empty string, found {tok!r}. Pass token=.")
         new_tokens += names
     if len(set(new_tokens)) != len(new_tokens):
         raise ValueError(f"The tokens {new_tokens} hold duplicates; give each concept its own token.")
@@ -122,7 +127,7 @@ def load_textual_inversion(tokenizer, text_encoder, pretrained_model_name_or_pat
         for tok, embedding, _ in concepts:
             for name, row in zip(multi_vector_tokens(tok, embedding.shape[0]), embedding):
                 tokenizer.add_tokens(name)
-                table[tokenizer.convert_tokens_to_ids(name)] = row.to(table.dtype)
+                table[tokenizer.convert_tokens_to_ids(name)] = row.to(table.device, table.dtype)
     return new_tokens
 
 
