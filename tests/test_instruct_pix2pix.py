@@ -51,6 +51,7 @@ def test_loads_the_instruct_pix2pix_layout(pair):
     dict(num_images_per_prompt=2, generator=[0, 1]),                 # one generator per image
     dict(size=(72, 56)),                                             # a non-square image keeps its size
     dict(size=(70, 61)),                                             # shrunk to multiples of 8, as diffusers does
+    dict(latents=torch.randn(1, 4, 8, 8, generator=gen(9))),          # z_T given (times σ_T in both)
 ])
 def test_equals_diffusers(pair, options):
     ours, theirs = pair
