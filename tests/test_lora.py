@@ -190,7 +190,7 @@ def test_bad_inputs(sd_folder, tmp_path):
     # a LoRA made for the real SD v1 (320 channels, 768-wide text): every shape is wrong here
     sd14 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(320, 4)}
-    assert_refused(mine, sd14, r"wrong shapes \(1\):\n    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    assert_refused(mine, sd14, r"wrong shapes or values \(1\):\n    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2"
                                r".to_k: down \(4, 768\), up \(320, 4\); this model needs down \(4, 32\), up \(32, 4\)")
     only_down = {k: v for k, v in good.items() if "lora_up" not in k}
     assert_refused(mine, only_down, r"needs both down and up")
@@ -198,6 +198,9 @@ def test_bad_inputs(sd_folder, tmp_path):
                           "unet.down_blocks.0.resnets.0.norm1.lora_B.weight": torch.zeros(32, 4)},
                    r"a GroupNorm, not a Linear or Conv2d")
     assert_refused(mine, {}, r"holds no LoRA weights")
+    damaged = dict(good)
+    damaged[next(k for k in good if k.endswith(".alpha"))] = torch.tensor(float("nan"))
+    assert_refused(mine, damaged, r"(?s)wrong shapes or values \(1\):.*NaN or inf in its weights or alpha")
     mine.fuse_qkv_projections()
     assert_refused(mine, good, r"fused q/k/v projections.*unfuse_qkv_projections")
     mine.unfuse_qkv_projections()

@@ -28,6 +28,7 @@ with; a LoRA whose keys fit no layer, or an empty one, is refused where diffuser
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -232,6 +233,9 @@ def check_lora(state_dict: dict, components: dict[str, nn.Module], source: str, 
                          f"down {expected_down}, up {expected_up}")
             continue
         alpha = float(parts["alpha"]) if "alpha" in parts else metadata_alpha(metadata, component, module, r)
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all() and math.isfinite(alpha)):
+            wrong.append(f"{component}.{module}: NaN or inf in its weights or alpha (a damaged file)")
+            continue
         found[(component, module)] = (down, up, alpha)
     if unknown or wrong:
         def show(items):
@@ -241,7 +245,7 @@ def check_lora(state_dict: dict, components: dict[str, nn.Module], source: str, 
         if unknown:
             lines.append(f"  keys that fit no layer ({len(unknown)}):\n    {show(unknown)}")
         if wrong:
-            lines.append(f"  wrong shapes ({len(wrong)}):\n    {show(wrong)}")
+            lines.append(f"  wrong shapes or values ({len(wrong)}):\n    {show(wrong)}")
         lines.append("Expected a LoRA for Stable Diffusion v1 in the PEFT/diffusers (unet.<layer>.lora_A.weight) "
                      "or kohya (lora_unet_<layer>.lora_down.weight, .alpha) format; check that it was trained for "
                      "this base model (SD v1 vs SD 2 / SDXL).")
