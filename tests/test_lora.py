@@ -225,3 +225,40 @@ def test_pickle_with_code_is_refused(sd_folder, tmp_path, monkeypatch):
     # a plain pickled state dict is read (weights_only=True), like the .bin files of older trainers
     torch.save(random_lora(mine, "peft"), tmp_path / "lora.bin")
     mine.load_lora_weights(str(tmp_path / "lora.bin"))
+
+
+# --- the kohya names at the real SD v1-4 config, every layer --------------------------------------------------------
+
+def test_kohya_names_of_every_sd_v1_layer_match_diffusers_converter(reference_dir):
+    """kohya's flat names for every Linear / Conv2d of SD v1-4's UNet and CLIP ViT-L text encoder (built on the meta
+    device: names and shapes, no memory) go to the same layers as diffusers' own converter sends them."""
+    import json
+
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from minidiff import UNet2DConditionModel
+    from minidiff.loaders.lora import kohya_table, layer_names, parse_key
+
+    folder = reference_dir / "stable-diffusion-v1-4"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(
+            json.loads((folder / "text_encoder" / "config.json").read_text())))
+    components = {"unet": unet, "text_encoder": text_encoder}
+    table = kohya_table(components)
+    # the layers kohya's sd-scripts adapt: attention blocks (q/k/v/out, ff, proj_in/out) and CLIP's q/k/v/out, fc1/fc2,
+    # plus LoCon's resnet and sampler convolutions
+    kohya = {flat: where for flat, where in table.items()
+             if where[0] == "text_encoder" or any(p in where[1] for p in ("attentions", "resnets", "samplers"))}
+    assert len([f for f in kohya if f.startswith("lora_unet_")]) == 278          # 16 transformer blocks, 22 resnets, ...
+    assert len([f for f in kohya if f.startswith("lora_te_")]) == 12 * 6           # 12 CLIP layers x q, k, v, out, fc1, fc2
+    state_dict = {}
+    for flat in kohya:
+        state_dict.update({f"{flat}.lora_down.weight": torch.zeros(1), f"{flat}.lora_up.weight": torch.zeros(1),
+                           f"{flat}.alpha": torch.tensor(1.0)})
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(dict(state_dict))
+    theirs = {parse_key(k, {})[:2] for k in converted}
+    mine = {parse_key(k, table)[:2] for k in state_dict}
+    assert mine == theirs == set(kohya.values())
+    assert {n for c, n in mine if c == "unet"} <= set(layer_names(unet))
