@@ -21,8 +21,9 @@ channels of conv_in, so training starts from the text-to-image model. One call:
 
 Guidance is on iff guidance_scale > 1 and image_guidance_scale >= 1, as in diffusers. Where minidiff departs from
 diffusers: guidance_scale > 1 with image_guidance_scale < 1 is refused with an error, where diffusers silently
-turns ALL guidance off (the instruction's too) and runs one plain conditional pass per step; images that are not
-RGB (PIL modes "L", "RGBA", ...) are refused, where diffusers fails inside the VAE.
+turns ALL guidance off (the instruction's too) and runs one plain conditional pass per step; PIL images that are
+not RGB are refused, where diffusers 0.42.1 (measured) fails inside the VAE for a grayscale "L" image and, for a
+64x64 "RGBA" one, returned a 512x512 image.
 """
 
 from __future__ import annotations
