@@ -194,9 +194,6 @@ def test_without_a_depth_estimator_depth_map_is_needed(pair):
         minidiff.StableDiffusionDepth2ImgPipeline(**{**ours.components, "depth_estimator": ours.vae})
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/base.py treats every 'feature_extractor' as the safety checker's: "
-                   "it warns that it is not loaded (it is) and drops one passed to from_pretrained. Needs base.py to "
-                   "skip NOT_LOADED names that the pipeline class lists in component_names.")
 def test_from_pretrained_keeps_a_given_feature_extractor_and_does_not_warn(folder, pair):
     ours, _ = pair
     with warnings.catch_warnings(record=True) as caught:

@@ -114,14 +114,17 @@ class DiffusionPipeline:
         if not local:
             folder = download_components(path_or_repo_id, index, to_load, variant, use_safetensors, **find)
 
+        # The safety checker's parts are dropped, unless the pipeline has a component of that name itself
+        # (Depth2Image's feature_extractor is its depth estimator's image processor).
+        not_loaded = [n for n in NOT_LOADED if n not in pipeline_cls.component_names]
         parts = dict(components)
-        for name in NOT_LOADED:
+        for name in not_loaded:
             parts.pop(name, None)
         for name in to_load:
             library_and_class = index[name]
             parts[name] = load_component(folder, name, library_and_class, torch_dtype, variant, use_safetensors)
 
-        skipped = [n for n in NOT_LOADED if index.get(n) and index[n][0] is not None and n not in components]
+        skipped = [n for n in not_loaded if index.get(n) and index[n][0] is not None and n not in components]
         if skipped:
             warnings.warn(
                 f"{index_path} names a {' and a '.join(skipped)}: minidiff does not load them "
