@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from fake_checkpoints import make_fake_sd

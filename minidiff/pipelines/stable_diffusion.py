@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from ..core.utils import randn_tensor
-from ..loaders import custom_diffusion, lora, textual_inversion
+from ..loaders import lora, textual_inversion
 from .base import DiffusionPipeline
 from .checks import (NOT_TAKEN, check_callback, check_count, check_decoded, check_guidance_scale, check_latents,
                      check_steps)
