@@ -261,3 +261,13 @@ def test_kohya_names_of_every_sd_v1_layer_match_diffusers_converter(reference_di
     mine = {parse_key(k, table)[:2] for k in state_dict}
     assert mine == theirs == set(kohya.values())
     assert {n for c, n in mine if c == "unet"} <= set(layer_names(unet))
+
+
+def test_fusing_qkv_with_a_lora_loaded_is_refused_not_silent(sd_folder):
+    """Fused q/k/v copies the base weights: with a LoRA wrapper in place it would silently drop the adapter."""
+    pipe = load_minidiff(StableDiffusionPipeline, sd_folder)
+    pipe.load_lora_weights(random_lora(pipe, "peft"))
+    with pytest.raises(RuntimeError, match=r"needs plain nn.Linear projections; \['to_q', 'to_k', 'to_v'\] are LoRALayer"):
+        pipe.fuse_qkv_projections()
+    pipe.unload_lora_weights()
+    pipe.fuse_qkv_projections()                     # plain projections again: fuses

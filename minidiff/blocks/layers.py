@@ -182,6 +182,11 @@ class Attention(nn.Module):
         the state dict (the checkpoint keys stay the same); they are not updated if those weights change, so
         fuse for inference only and call `unfuse_projections()` before training or loading weights."""
         q, k, v = self.to_q, self.to_k, self.to_v
+        wrapped = [name for name, m in (("to_q", q), ("to_k", k), ("to_v", v)) if type(m) is not nn.Linear]
+        if wrapped:   # e.g. a LoRA wrapper: fusing would copy the base weights and silently drop the adapter
+            raise RuntimeError(f"fuse_projections() needs plain nn.Linear projections; {wrapped} are "
+                               f"{type(getattr(self, wrapped[0])).__name__}. Call "
+                               "fuse_projections() after pipe.unload_lora_weights(), or leave the projections unfused.")
         with torch.no_grad():
             if q.in_features == k.in_features:  # all three can read x: fuse q, k, v; k, v is the lower part
                 weight = torch.cat([q.weight, k.weight, v.weight])                  # (3*heads*d, query_dim)
