@@ -3,7 +3,6 @@ committed notebooks are checked in tests/test_notebooks.py; nbval runs them."""
 
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,6 @@ from PIL import Image
 import matplotlib
 
 from minidiff import course, viz
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
