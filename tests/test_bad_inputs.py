@@ -202,7 +202,14 @@ SD_BAD_NUMBERS = [
 ]
 
 
-@pytest.mark.parametrize("bad, error, message", SD_BAD_NUMBERS, ids=[str(b) for b, *_ in SD_BAD_NUMBERS])
+def case_id(bad: dict) -> str:
+    """A short, stable test id: tensors and arrays by their shape (their values differ between xdist workers)."""
+    def show(v):
+        return f"{type(v).__name__}{tuple(v.shape)}" if hasattr(v, "shape") else repr(v)
+    return ",".join(f"{k}={show(v)}" for k, v in bad.items())
+
+
+@pytest.mark.parametrize("bad, error, message", SD_BAD_NUMBERS, ids=[case_id(b) for b, *_ in SD_BAD_NUMBERS])
 def test_bad_numbers_are_refused_before_any_work(sd, model_calls, bad, error, message):
     kwargs = STEPS | bad
     with pytest.raises(error, match=message):
