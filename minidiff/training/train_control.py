@@ -113,7 +113,7 @@ def train(args, kind: str, command: list[str]):
                            "found neither. Check the path.")
     if not 0 <= args.caption_dropout <= 1:
         raise CommandError(f"--caption-dropout must be in [0, 1]; found {args.caption_dropout}.")
-    prepare_run_folder(args, inputs={"--sd": sd_path})
+    prepare_run_folder(args, inputs={"--sd": sd_path, "--init": args.init})
     with open(os.path.join(args.out, COMMAND_NAME), "a" if args.resume else "w") as f:    # each command of the run
         f.write("python -m minidiff.training " + " ".join([kind, *command]) + "\n")
     torch.manual_seed(args.seed)
