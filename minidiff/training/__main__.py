@@ -8,6 +8,10 @@ COMMANDS = {
     "ddpm": "train tiny-ddpm's pixel UNet",
     "controlnet": "train a ControlNet for the frozen tiny-sd on the shapes' masks",
     "adapter": "train a T2I-Adapter for the frozen tiny-sd on the shapes' masks",
+    "textual-inversion": "teach tiny-sd (or an SD v1 folder) a new word: only its embedding row(s) learn",
+    "dreambooth": "fine-tune the UNet (or LoRA adapters) on a new word, with or without prior preservation",
+    "custom-diffusion": "fine-tune cross-attention to_k / to_v plus one new word per concept",
+    "finetune-compare": "all fine-tuning techniques on the same data and budget: one table",
     "tokenizer": "write the tiny CLIP tokenizer files (--out FOLDER)",
     "evaluate": "classifier accuracy, or the colour / shape scores of a trained model",
     "evaluate-control": "mask IoU of a ControlNet / T2I-Adapter for tiny-sd, by conditioning scale (--model)",
@@ -33,6 +37,14 @@ def main(argv=None) -> None:
         from .train_control import main_adapter as run
     elif command == "evaluate-control":
         from .evaluate_control import main as run
+    elif command == "textual-inversion":
+        from .finetune.textual_inversion import main as run
+    elif command == "dreambooth":
+        from .finetune.dreambooth import main as run
+    elif command == "custom-diffusion":
+        from .finetune.custom_diffusion import main as run
+    elif command == "finetune-compare":
+        from .finetune.compare import main as run
     elif command == "evaluate":
         from .evaluate import main as run
     else:

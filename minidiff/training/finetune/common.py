@@ -1,0 +1,219 @@
+"""What the fine-tuning loops share: the concept's data, adding its new token, the diffusion loss, the
+evaluation (does the concept appear? what did the model forget?), and the command-line frame.
+
+The concept. tiny-sd never saw two colour x shape pairs (`shapes.HELD_OUT`); asked for "a purple square" it
+draws a purple circle. Each technique is taught the pair from a handful of images drawn by `shapes.py`, under a
+new word: the prompt "a <sks> square" must give a purple square. That is measurable with the rule-based judge of
+`evaluate.py`: colour AND shape must be right. Before training the new word is a random embedding row, and
+the image is a square of some colour (purple by chance, about 1 time in 6, if at all).
+
+Forgetting is the judge's score on a fixed set of old prompts ("a red circle", ...: every pair tiny-sd was
+trained on), before and after, with the same seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...loaders.textual_inversion import load_textual_inversion, multi_vector_tokens
+from ...pipelines.base import DiffusionPipeline
+from ...pipelines.text import tokenize
+from ...schedulers.ddpm import DDPMScheduler
+from ..common import CommandError, prepare_run_folder
+from ..evaluate import analyse
+from ..shapes import COLORS, HELD_OUT, SHAPES, ShapeExample, draw, to_model_range
+
+# Every file a fine-tuning command writes into --out: --overwrite removes these (and common.RUN_OUTPUTS).
+FINETUNE_OUTPUTS = ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors",
+                    "pytorch_custom_diffusion_weights.safetensors", "result.json", "class_images.pt")
+# The old prompts whose scores tell what the model forgot: every pair tiny-sd was trained on.
+OLD_PROMPTS = [(f"a {c} {s}", c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A new word for a colour x shape pair: "a <sks> square" should draw a purple square."""
+
+    token: str
+    color: str
+    shape: str
+
+    @property
+    def prompt(self) -> str:
+        return f"a {self.token} {self.shape}"      # DreamBooth's "a [V] [class noun]" (Ruiz et al. 2023, sec. 3.2)
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a {self.shape}"                   # the class alone, for prior preservation
+
+
+def parse_concept(text: str) -> Concept:
+    """'<sks>:purple:square' -> Concept, or one error naming what is expected."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[1] not in COLORS or parts[2] not in SHAPES or not parts[0].strip():
+        raise CommandError(f"--concept {text!r}: expected TOKEN:COLOUR:SHAPE with COLOUR in {list(COLORS)} and SHAPE "
+                           f"in {list(SHAPES)}, e.g. '<sks>:purple:square'.")
+    return Concept(*parts)
+
+
+def instance_images(concept: Concept, num_images: int, seed: int = 0) -> torch.Tensor:
+    """`num_images` drawings of the concept (any size and place, white background): uint8 (N, 3, 64, 64)."""
+    images = []
+    for i in range(num_images):
+        rng = random.Random(f"minidiff-finetune/{seed}/{concept.color}/{concept.shape}/{i}")
+        side = rng.uniform(24, 44)
+        cx, cy = rng.uniform(side / 2 + 1, 63 - side / 2), rng.uniform(side / 2 + 1, 63 - side / 2)
+        example = ShapeExample(concept.color, concept.shape, None, None, "white",
+                               (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), concept.prompt)
+        images.append(torch.from_numpy(np.array(draw(example, rng))).permute(2, 0, 1))   # (64, 64, 3) -> (3, 64, 64)
+    return torch.stack(images)                                                  # N x (3, 64, 64)
+
+
+def load_base(path: str, seed: int) -> DiffusionPipeline:
+    """The base model in float32 on the CPU, every weight frozen (each loop unfreezes what it trains)."""
+    torch.manual_seed(seed)
+    pipe = DiffusionPipeline.from_pretrained(path)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_concept_token(pipe, concept: Concept, num_vectors: int, seed: int) -> list[int]:
+    """Add `concept.token` (n vectors: <t>, <t>_1, ...) to the tokenizer and text encoder through the loader;
+    returns the new rows' ids. The rows start random, drawn like the table's own rows (its mean and std)."""
+    table = pipe.text_encoder.get_input_embeddings().weight                      # (vocab, D)
+    g = torch.Generator().manual_seed(seed)
+    rows = table.mean(0) + table.std(0) * torch.randn(num_vectors, table.shape[1], generator=g)   # (n, D)
+    load_textual_inversion(pipe.tokenizer, pipe.text_encoder, {concept.token: rows})
+    return [pipe.tokenizer.convert_tokens_to_ids(t) for t in multi_vector_tokens(concept.token, num_vectors)]
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(z | x) of uint8 images: mean and std, each (N, 4, h, w)."""
+    posterior = pipe.vae.encode(to_model_range(images)).latent_dist
+    return posterior.mean, posterior.std
+
+
+def noise_schedule_of(pipe) -> DDPMScheduler:
+    """add_noise with the betas of the base model's scheduler (SD v1: scaled-linear 0.00085 to 0.012)."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def diffusion_loss(pipe, noise_schedule, latent_mean, latent_std, ids, generator) -> torch.Tensor:
+    """DDPM's loss on latents (Rombach et al. 2022, eq. 2) for one batch:
+    z_0 ~ q(z | x), t ~ U{0..T-1}, eps ~ N(0, I), || eps - eps_theta(sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) eps, t, c) ||^2."""
+    B = latent_mean.shape[0]
+    z0 = pipe.vae.config.scaling_factor * (latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator))
+    t = torch.randint(noise_schedule.config.num_train_timesteps, (B,), generator=generator)
+    eps = torch.randn(z0.shape, generator=generator)
+    z_t = noise_schedule.add_noise(z0, eps, t)
+    context = pipe.text_encoder(ids)[0]                                         # (B, 77, D)
+    return F.mse_loss(pipe.unet(z_t, t, context).sample, eps)
+
+
+def token_ids(pipe, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> (B, 77) ids, multi-vector tokens expanded as the pipeline does."""
+    return tokenize(pipe.tokenizer, prompts)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance_scale: float = 7.5):
+    """One image per (prompt, seed), as PIL images."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
+
+
+def concept_rate(pipe, concepts: list[Concept], num_seeds: int, seed: int = 1000) -> dict[str, dict[str, float]]:
+    """For each concept's prompt, the share of `num_seeds` images whose colour / shape / both the judge finds right
+    ("both" is the concept appearing)."""
+    rates = {}
+    for concept in concepts:
+        images = generate(pipe, [concept.prompt] * num_seeds, [seed + i for i in range(num_seeds)])
+        found = [analyse(image) for image in images]
+        color = [a.color == concept.color for a in found]
+        shape = [a.shape == concept.shape for a in found]
+        rates[concept.token] = {"both": sum(c and s for c, s in zip(color, shape)) / num_seeds,
+                                "color": sum(color) / num_seeds, "shape": sum(shape) / num_seeds}
+    return rates
+
+
+def old_prompt_scores(pipe, seeds_per_prompt: int = 1, seed: int = 2000) -> dict[str, float]:
+    """The judge's colour / shape / both accuracy on OLD_PROMPTS (fixed seeds): what the model still knows."""
+    color = shape = both = 0
+    for k in range(seeds_per_prompt):
+        images = generate(pipe, [p for p, _, _ in OLD_PROMPTS], [seed + 100 * k + i for i in range(len(OLD_PROMPTS))])
+        for (_, c, s), image in zip(OLD_PROMPTS, images):
+            a = analyse(image)
+            color, shape, both = color + (a.color == c), shape + (a.shape == s), both + (a.color == c and a.shape == s)
+    n = seeds_per_prompt * len(OLD_PROMPTS)
+    return {"color": color / n, "shape": shape / n, "both": both / n}
+
+
+def count_trained(params: list[torch.Tensor], rows: int | None = None) -> int:
+    """Parameters that learn: all of `params`, or `rows` rows of the embedding table (Textual Inversion)."""
+    if rows is not None:
+        return rows * params[0].shape[1]
+    return sum(p.numel() for p in params)
+
+
+def add_finetune_args(parser: argparse.ArgumentParser, steps: int, lr: float, concepts: str = "store") -> None:
+    """The options every fine-tuning command takes (the names of common.add_common_args where they match);
+    concepts="append": --concept may be given several times (Custom Diffusion)."""
+    parser.add_argument("--base", default="tiny-sd", help="the SD v1 pipeline folder to fine-tune (or 'tiny-sd')")
+    parser.add_argument("--out", required=True, help="folder for the learned weights, the loss log and result.json: "
+                        "new or empty, unless --resume or --overwrite")
+    parser.add_argument("--concept", action=concepts, default=None if concepts == "append" else "<sks>:purple:square",
+                        help="TOKEN:COLOUR:SHAPE, the prompt is 'a TOKEN SHAPE' (default: tiny-sd's held-out purple "
+                        "square)")
+    parser.add_argument("--num-instance-images", type=int, default=5, help="drawings of the concept to learn from")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (constant)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the new rows and the noise")
+    parser.add_argument("--eval-seeds", type=int, default=16, help="images of the concept prompt judged after "
+                        "training (0: no evaluation)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    parser.add_argument("--save-every", type=int, default=100, help="save the training state every N steps")
+    # common.check_args reads these options of the from-scratch trainings, which fine-tuning has no use for.
+    parser.set_defaults(num_images=1, warmup=0, ema_decay=1.0, max_minutes=None, workers=1, init=None)
+
+
+def start_run(args) -> None:
+    """Check the options and --out before any work (common.prepare_run_folder), and remove an earlier run's
+    fine-tuning files with --overwrite."""
+    if args.num_instance_images < 1 or args.eval_seeds < 0:
+        raise CommandError(f"--num-instance-images must be >= 1 and --eval-seeds >= 0; found "
+                           f"{args.num_instance_images} and {args.eval_seeds}.")
+    prepare_run_folder(args, inputs={})
+    if args.overwrite:
+        for name in os.listdir(args.out):
+            if name in FINETUNE_OUTPUTS or (name.startswith("<") and name.endswith(">.safetensors")):
+                path = os.path.join(args.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+class Timer:
+    """Seconds of training, excluding evaluation (a resumed run adds the earlier run's seconds)."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.start = time.time() - seconds
+
+    def __call__(self) -> float:
+        return time.time() - self.start
+
+
+def file_bytes(paths: list[str]) -> int:
+    return sum(os.path.getsize(p) if os.path.isfile(p) else
+               sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs) for p in paths)

@@ -1,0 +1,152 @@
+"""The fine-tuning loops on tiny-sd (minidiff/training/finetune/): the loss falls, only the parameters that should
+learn change (per technique), a tiny Textual Inversion run moves the judge's figure for the new concept, and the
+saved files load back through minidiff's loaders (and, for Textual Inversion, in diffusers) to the same images."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import load_diffusers, max_pixel_diff
+from minidiff.checkpoints import TINY_SD
+from minidiff.training.finetune import custom_diffusion, dreambooth, textual_inversion
+from minidiff.training.finetune.common import (Concept, add_concept_token, concept_rate, diffusion_loss,
+                                               encode_images, generate, instance_images, load_base,
+                                               noise_schedule_of, token_ids)
+from minidiff.training.finetune.compare import load_finetuned
+from minidiff.loaders.lora import LoRALayer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONCEPT = Concept("<sks>", "purple", "square")
+TABLE = "embeddings.token_embedding.weight"          # the text encoder's (vocab, D) table (no text_model. prefix)
+
+
+def run(module, tmp_path, *options):
+    """Train with `module`'s command-line options into tmp_path/run; returns (pipe, result)."""
+    args = module.make_parser().parse_args(["--out", str(tmp_path / "run"), "--eval-seeds", "0", *options])
+    return module.train(args)
+
+
+def base_state() -> dict[str, dict[str, torch.Tensor]]:
+    pipe = load_base("tiny-sd", 0)
+    return {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+            for name in ("unet", "vae", "text_encoder")}
+
+
+def changed(before: dict[str, torch.Tensor], model) -> set[str]:
+    """Names of `model`'s parameters that differ from `before` (LoRA wrappers read as their base layer's name)."""
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    return {k for k, v in before.items() if not torch.equal(v, after[k][:len(v)])}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return base_state()
+
+
+def fixed_loss(pipe) -> float:
+    """The diffusion loss on the instance images with fixed noise and timesteps (64 draws): comparable across steps."""
+    mean, std = encode_images(pipe, instance_images(CONCEPT, 5))
+    g = torch.Generator().manual_seed(123)
+    idx = torch.arange(64) % len(mean)
+    with torch.no_grad():
+        return diffusion_loss(pipe, noise_schedule_of(pipe), mean[idx], std[idx],
+                              token_ids(pipe, [CONCEPT.prompt]).expand(64, -1), g).item()
+
+
+def test_textual_inversion_learns_only_the_new_row_and_moves_the_colour(tmp_path, base):
+    # Before: the same random row the loop starts from. The concept's colour appears in none of 8 images
+    # (measured 0/8 for two seed sets, and for row seeds 1-3).
+    start = load_base("tiny-sd", 0)
+    add_concept_token(start, CONCEPT, 1, seed=0)
+    before_rate = concept_rate(start, [CONCEPT], 8, seed=5000)["<sks>"]
+    before_loss = fixed_loss(start)
+
+    pipe, result = run(textual_inversion, tmp_path, "--steps", "10")
+    after_rate = concept_rate(pipe, [CONCEPT], 8, seed=5000)["<sks>"]
+    # measured after 10 steps: colour 7/8 (both seed sets 5000 and 6000), 0.75-0.875 after 20-30 steps. Bound: half.
+    assert before_rate["color"] <= 0.125 and after_rate["color"] >= 0.5, (before_rate, after_rate)
+    assert fixed_loss(pipe) < before_loss
+    # Only the new row learned: UNet, VAE and every other row of the table exactly as before.
+    assert not changed(base["unet"], pipe.unet) and not changed(base["vae"], pipe.vae)
+    assert not changed(base["text_encoder"], pipe.text_encoder)       # the old rows included (compared up to vocab)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    start_table = start.text_encoder.get_input_embeddings().weight
+    assert table.shape[0] == len(base["text_encoder"][TABLE]) + 1 and not torch.equal(table[-1], start_table[-1])
+    assert result["trained_parameters"] == 64                   # one row of width 64
+
+    # The saved learned_embeds.safetensors loads through the loader, and in diffusers, to the same image.
+    images = generate(pipe, [CONCEPT.prompt], [7])
+    loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))
+    assert max_pixel_diff(generate(loaded, [CONCEPT.prompt], [7]), images) == 0
+    theirs = load_diffusers("StableDiffusionPipeline", TINY_SD)
+    theirs.load_textual_inversion(str(tmp_path / "run"))
+    image = theirs(CONCEPT.prompt, num_inference_steps=25, guidance_scale=7.5,
+                   generator=torch.Generator().manual_seed(7)).images
+    assert max_pixel_diff(image, images) <= 2 / 255          # tiny-sd's minidiff/diffusers agreement (its README)
+
+
+def test_textual_inversion_multi_vector(tmp_path, base):
+    pipe, result = run(textual_inversion, tmp_path, "--steps", "2", "--num-vectors", "3")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    old = base["text_encoder"][TABLE]
+    assert torch.equal(table[:len(old)], old) and table.shape[0] == len(old) + 3
+    assert result["trained_parameters"] == 3 * 64
+    loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))
+    assert sorted(t for t in loaded.tokenizer.get_added_vocab() if "sks" in t) == ["<sks>", "<sks>_1", "<sks>_2"]
+    assert torch.equal(loaded.text_encoder.get_input_embeddings().weight, table)
+
+
+def test_dreambooth_lora_with_prior_trains_only_the_adapters(tmp_path, base):
+    pipe, result = run(dreambooth, tmp_path, "--steps", "3", "--lora-rank", "2", "--prior-preservation",
+                       "--num-class-images", "2", "--lr", "1e-2")
+    layers = [m for m in pipe.unet.modules() if isinstance(m, LoRALayer)]
+    blocks = [name for name, _ in pipe.unet.named_modules() if name.endswith(".attn1")]
+    assert len(blocks) == 4 and len(layers) == 4 * 2 * len(blocks)    # q, k, v, out of attn1 and attn2 per block
+    assert all(layer.adapters["default_0"].up.weight.abs().sum() > 0 for layer in layers)  # up started at 0
+    assert not changed(base["unet"], pipe.unet) and not changed(base["vae"], pipe.vae)
+    assert not changed(base["text_encoder"], pipe.text_encoder)   # the rare word is a fixed row
+    assert result["trained_parameters"] == sum(p.numel() for l in layers for p in l.adapters.parameters())
+    # pytorch_lora_weights.safetensors + learned_embeds.safetensors load back to the same image
+    loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))
+    assert max_pixel_diff(generate(loaded, [CONCEPT.prompt], [3]), generate(pipe, [CONCEPT.prompt], [3])) <= 1 / 255
+
+
+def test_dreambooth_full_trains_the_unet_only(tmp_path, base):
+    pipe, result = run(dreambooth, tmp_path, "--steps", "2")
+    assert changed(base["unet"], pipe.unet)                   # (parameters with no gradient, if any, may stay)
+    assert not changed(base["vae"], pipe.vae) and not changed(base["text_encoder"], pipe.text_encoder)
+    assert result["trained_parameters"] == sum(p.numel() for p in pipe.unet.parameters())
+    loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))
+    assert max_pixel_diff(generate(loaded, [CONCEPT.prompt], [3]), generate(pipe, [CONCEPT.prompt], [3])) == 0
+
+
+def test_custom_diffusion_two_concepts_trains_only_cross_attention_kv_and_the_words(tmp_path, base):
+    pipe, result = run(custom_diffusion, tmp_path, "--steps", "3", "--concept", "<new1>:purple:square",
+                       "--concept", "<new2>:cyan:triangle")
+    moved = changed(base["unet"], pipe.unet)
+    assert moved and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in moved), sorted(moved)
+    assert not changed(base["vae"], pipe.vae)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    old = base["text_encoder"][TABLE]
+    assert torch.equal(table[:len(old)], old) and table.shape[0] == len(old) + 2
+    assert sorted(os.listdir(tmp_path / "run")) >= ["<new1>.safetensors", "<new2>.safetensors"]
+    loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))
+    prompts = ["a <new1> square", "a <new2> triangle"]
+    assert max_pixel_diff(generate(loaded, prompts, [3, 4]), generate(pipe, prompts, [3, 4])) <= 1 / 255
+
+
+def test_bad_options_are_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        textual_inversion.main(["--out", str(tmp_path / "a"), "--concept", "<sks>:pink:square"])
+    assert e.value.code == 2 and "TOKEN:COLOUR:SHAPE" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        dreambooth.main(["--out", str(tmp_path / "b"), "--steps", "1"])
+    assert "already holds files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        textual_inversion.main(["--out", str(tmp_path / "c"), "--num-vectors", "0"])
+    assert "--num-vectors" in capsys.readouterr().err and not (tmp_path / "c").exists()
