@@ -138,6 +138,20 @@ def test_custom_diffusion_two_concepts_trains_only_cross_attention_kv_and_the_wo
     assert max_pixel_diff(generate(loaded, prompts, [3, 4]), generate(pipe, prompts, [3, 4])) <= 1 / 255
 
 
+def test_resume_continues_where_training_stopped(tmp_path):
+    straight, _ = textual_inversion.train(textual_inversion.make_parser().parse_args(
+        ["--out", str(tmp_path / "a"), "--steps", "4", "--eval-seeds", "0"]))
+    for steps, more in (("2", []), ("4", ["--resume"])):
+        resumed, _ = textual_inversion.train(textual_inversion.make_parser().parse_args(
+            ["--out", str(tmp_path / "b"), "--steps", steps, "--eval-seeds", "0", *more]))
+    # the second run did steps 2-3 only (its log goes on from the first's), with the optimizer and noise generator
+    # restored: the same row as 4 steps in one go
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "b" / "loss_log.csv").read_text().splitlines()[1:]]
+    assert steps == [0, 1, 3]
+    assert torch.equal(resumed.text_encoder.get_input_embeddings().weight,
+                       straight.text_encoder.get_input_embeddings().weight)
+
+
 def test_bad_options_are_refused_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         textual_inversion.main(["--out", str(tmp_path / "a"), "--concept", "<sks>:pink:square"])

@@ -5,7 +5,7 @@ The concept. tiny-sd never saw two colour x shape pairs (`shapes.HELD_OUT`); ask
 draws a purple circle. Each technique is taught the pair from a handful of images drawn by `shapes.py`, under a
 new word: the prompt "a <sks> square" must give a purple square. That is measurable with the rule-based judge of
 `evaluate.py`: colour AND shape must be right. Before training the new word is a random embedding row, and
-the image is a square of some colour (purple by chance, about 1 time in 6, if at all).
+tiny-sd draws circles of other colours for "a <sks> square" (measured: no purple in 8 images, for 4 row seeds).
 
 Forgetting is the judge's score on a fixed set of old prompts ("a red circle", ...: every pair tiny-sd was
 trained on), before and after, with the same seeds.
