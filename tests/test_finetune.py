@@ -110,8 +110,17 @@ def test_dreambooth_lora_with_prior_trains_only_the_adapters(tmp_path, base):
     assert not changed(base["text_encoder"], pipe.text_encoder)   # the rare word is a fixed row
     assert result["trained_parameters"] == sum(p.numel() for l in layers for p in l.adapters.parameters())
     # pytorch_lora_weights.safetensors + learned_embeds.safetensors load back to the same image
+    images = generate(pipe, [CONCEPT.prompt], [3])
     loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))
-    assert max_pixel_diff(generate(loaded, [CONCEPT.prompt], [3]), generate(pipe, [CONCEPT.prompt], [3])) <= 1 / 255
+    assert max_pixel_diff(generate(loaded, [CONCEPT.prompt], [3]), images) <= 1 / 255
+    # and in diffusers (+ peft): the LoRA in diffusers' format, the word through its load_textual_inversion
+    pytest.importorskip("peft")
+    theirs = load_diffusers("StableDiffusionPipeline", TINY_SD)
+    theirs.load_textual_inversion(str(tmp_path / "run"))
+    theirs.load_lora_weights(str(tmp_path / "run"))
+    image = theirs(CONCEPT.prompt, num_inference_steps=25, guidance_scale=7.5,
+                   generator=torch.Generator().manual_seed(3)).images
+    assert max_pixel_diff(image, images) <= 2 / 255
 
 
 def test_dreambooth_full_trains_the_unet_only(tmp_path, base):
@@ -161,6 +170,12 @@ def test_bad_options_are_refused_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dreambooth.main(["--out", str(tmp_path / "b"), "--steps", "1"])
     assert "already holds files" in capsys.readouterr().err
+    # --overwrite replaces an earlier run's files and keeps the user's
+    pipe, _ = run(custom_diffusion, tmp_path, "--steps", "1", "--concept", "<new1>:purple:square")
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    run(textual_inversion, tmp_path, "--steps", "1", "--overwrite")
+    assert sorted(os.listdir(tmp_path / "run")) == ["learned_embeds.safetensors", "loss_log.csv", "notes.txt",
+                                                    "result.json", "training_state.pt"]
     with pytest.raises(SystemExit):
         textual_inversion.main(["--out", str(tmp_path / "c"), "--num-vectors", "0"])
     assert "--num-vectors" in capsys.readouterr().err and not (tmp_path / "c").exists()

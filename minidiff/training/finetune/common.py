@@ -28,7 +28,7 @@ from ...loaders.textual_inversion import load_textual_inversion, multi_vector_to
 from ...pipelines.base import DiffusionPipeline
 from ...pipelines.text import tokenize
 from ...schedulers.ddpm import DDPMScheduler
-from ..common import CommandError, prepare_run_folder
+from ..common import CommandError, check_args, prepare_run_folder
 from ..evaluate import analyse
 from ..shapes import COLORS, HELD_OUT, SHAPES, ShapeExample, draw, to_model_range
 
@@ -191,17 +191,19 @@ def add_finetune_args(parser: argparse.ArgumentParser, steps: int, lr: float, co
 
 
 def start_run(args) -> None:
-    """Check the options and --out before any work (common.prepare_run_folder), and remove an earlier run's
-    fine-tuning files with --overwrite."""
+    """Check the options and --out before any work (common.prepare_run_folder). With --overwrite, an earlier
+    fine-tuning run's own files (FINETUNE_OUTPUTS, <token>.safetensors) go first, then common's RUN_OUTPUTS;
+    every other file in --out is kept."""
     if args.num_instance_images < 1 or args.eval_seeds < 0:
         raise CommandError(f"--num-instance-images must be >= 1 and --eval-seeds >= 0; found "
                            f"{args.num_instance_images} and {args.eval_seeds}.")
-    prepare_run_folder(args, inputs={})
-    if args.overwrite:
+    check_args(args, inputs={})
+    if args.overwrite and not args.resume and os.path.isdir(args.out):
         for name in os.listdir(args.out):
             if name in FINETUNE_OUTPUTS or (name.startswith("<") and name.endswith(">.safetensors")):
                 path = os.path.join(args.out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    prepare_run_folder(args, inputs={})
 
 
 class Timer:
