@@ -15,3 +15,7 @@ import os
 CHECKPOINTS_DIR = os.path.dirname(os.path.abspath(__file__))
 TINY_SD = os.path.join(CHECKPOINTS_DIR, "tiny-sd")
 TINY_DDPM = os.path.join(CHECKPOINTS_DIR, "tiny-ddpm")
+# A ControlNet and a T2I-Adapter for tiny-sd that read the shape's mask (white on black, 64x64):
+# StableDiffusionControlNetPipeline / StableDiffusionAdapterPipeline put the object inside it.
+TINY_CONTROLNET_MASK = os.path.join(CHECKPOINTS_DIR, "tiny-controlnet-mask")
+TINY_T2I_ADAPTER_MASK = os.path.join(CHECKPOINTS_DIR, "tiny-t2i-adapter-mask")
