@@ -45,9 +45,8 @@ def add_lora(unet: nn.Module, rank: int, seed: int) -> list[nn.Parameter]:
     down ~ N(0, 1/r) and up = 0 (Hu et al. 2021, sec. 4.1): the model is unchanged until up learns."""
     g = torch.Generator().manual_seed(seed)
     params = []
-    names = [name for name, m in unet.named_modules()
-             if isinstance(m, nn.Linear) and name.endswith(tuple(f".attn1.{p}" for p in ATTENTION_PROJECTIONS)
-                                                           + tuple(f".attn2.{p}" for p in ATTENTION_PROJECTIONS))]
+    targets = tuple(f".{attn}.{p}" for attn in ("attn1", "attn2") for p in ATTENTION_PROJECTIONS)
+    names = [name for name, m in unet.named_modules() if isinstance(m, nn.Linear) and name.endswith(targets)]
     for name in names:
         base = unet.get_submodule(name)
         down = torch.randn(rank, base.in_features, generator=g) / rank                # (r, in)

@@ -1,6 +1,6 @@
 """Textual Inversion (Gal et al. 2022, "An Image is Worth One Word", https://arxiv.org/abs/2208.01618).
 
-    python -m minidiff.training textual-inversion --out runs/ti --steps 200 --num-vectors 2
+    python -m minidiff.training textual-inversion --out runs/ti --num-vectors 2      # 400 steps by default
 
 A new word S* is added to the vocabulary, and only its embedding row(s) v* learn; the UNet, the VAE, the text
 encoder and every other row of the table stay as they were (Gal et al., eq. 2):
