@@ -160,7 +160,9 @@ def main(argv=None) -> None:
     print("|---|---|---|")
     for scale, row in scale_curve(pipe, prompts, masks, steps=args.steps).items():
         print(f"| {scale:g} | {row['iou']:.3f} | {row['color']:.0%} |")
-    result = conflict(pipe, steps=args.steps)
-    print(f"conflict (16 prompts, scale 1): object in the mask's ninth {result['mask']:.0%}, in the caption's "
-          f"ninth {result['caption']:.0%}, IoU with the mask {result['iou']:.3f}")
+    print("conflict, 16 prompts whose caption names the ninth opposite the mask's:")
+    for scale in (0.0, 1.0, 1.5):
+        result = conflict(pipe, scale=scale, steps=args.steps)
+        print(f"  scale {scale:g}: object in the mask's ninth {result['mask']:.0%}, in the caption's ninth "
+              f"{result['caption']:.0%}, IoU with the mask {result['iou']:.3f}")
     print(f"evaluated in {time.time() - start:.0f} s")
