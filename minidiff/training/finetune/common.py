@@ -2,10 +2,13 @@
 evaluation (does the concept appear? what did the model forget?), and the command-line frame.
 
 The concept. tiny-sd never saw two colour x shape pairs (`shapes.HELD_OUT`); asked for "a purple square" it
-draws a purple circle. Each technique is taught the pair from a handful of images drawn by `shapes.py`, under a
-new word: the prompt "a <sks> square" must give a purple square. That is measurable with the rule-based judge of
-`evaluate.py`: colour AND shape must be right. Before training the new word is a random embedding row, and
-tiny-sd draws circles of other colours for "a <sks> square" (measured: no purple in 8 images, for 4 row seeds).
+draws blotchy, rounded purple squares that the judge calls circles (16 of 16 seeds: a square needs a fill ratio
+above 0.9, and the 5 that notebook 18 prints fill 0.70-0.83 of their box). Each technique is taught the pair
+from a handful of images drawn by `shapes.py`, under a new word: the prompt "a <sks> square" must give a purple
+square. That is measurable with the rule-based judge of `evaluate.py`: colour AND shape must be right, a strict
+test for squares (it calls 3 of 4 of tiny-sd's own "a cyan square" images circles too, fill 0.85-0.89). Before
+training the new word is a random embedding row, and tiny-sd draws rounded cyan or blue squares for
+"a <sks> square" (no purple in 8 images, for 4 row seeds).
 
 Forgetting is the judge's score on a fixed set of old prompts ("a red circle", ...: every pair tiny-sd was
 trained on), before and after, with the same seeds.
