@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from fake_checkpoints import make_fake_sd, make_fake_sd2
 from helpers import load_diffusers, max_pixel_diff
 from minidiff.checkpoints import TINY_SD
 from minidiff.training.finetune import custom_diffusion, dreambooth, textual_inversion
@@ -145,6 +146,34 @@ def test_custom_diffusion_two_concepts_trains_only_cross_attention_kv_and_the_wo
     loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))
     prompts = ["a <new1> square", "a <new2> triangle"]
     assert max_pixel_diff(generate(loaded, prompts, [3, 4]), generate(pipe, prompts, [3, 4])) <= 1 / 255
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory, reference_dir):
+    return str(make_fake_sd(tmp_path_factory.mktemp("sd"), reference_dir))
+
+
+def test_a_v_prediction_model_is_refused(tmp_path_factory, reference_dir, tmp_path, capsys):
+    folder = make_fake_sd2(tmp_path_factory.mktemp("sd2"), reference_dir, v_prediction=True)
+    with pytest.raises(SystemExit) as e:
+        textual_inversion.main(["--base", str(folder), "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert e.value.code == 2 and "prediction_type 'v_prediction'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, options", [
+    (textual_inversion, ["--num-vectors", "2"]), (dreambooth, ["--lora-rank", "2", "--prior-preservation"]),
+    (dreambooth, []), (custom_diffusion, ["--concept", "<new1>:purple:square"])], ids=["ti", "db-lora", "db", "cd"])
+def test_every_loop_runs_on_an_sd_v1_folder(sd_folder, tmp_path, module, options):
+    """SD v1-4's own tokenizer (49,408 words) and configs, small random weights: the word is added and the files
+    load back to the same image."""
+    folder = sd_folder
+    token = "<new1>" if module is custom_diffusion else "<sks>"
+    pipe, _ = run(module, tmp_path, "--base", folder, "--steps", "2", "--num-class-images", "1", *options) \
+        if module is dreambooth else run(module, tmp_path, "--base", folder, "--steps", "2", *options)
+    assert len(pipe.tokenizer) > 49408 and token in pipe.tokenizer.get_added_vocab()
+    loaded = load_finetuned(folder, str(tmp_path / "run"))
+    prompt = [f"a {token} square"]
+    assert max_pixel_diff(generate(loaded, prompt, [1]), generate(pipe, prompt, [1])) <= 1 / 255
 
 
 def test_resume_continues_where_training_stopped(tmp_path):

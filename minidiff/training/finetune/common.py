@@ -85,6 +85,11 @@ def load_base(path: str, seed: int) -> DiffusionPipeline:
     """The base model in float32 on the CPU, every weight frozen (each loop unfreezes what it trains)."""
     torch.manual_seed(seed)
     pipe = DiffusionPipeline.from_pretrained(path)
+    prediction = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
+    if prediction != "epsilon" or not hasattr(pipe, "text_encoder"):
+        raise CommandError(f"--base {path}: expected a Stable Diffusion v1 folder (a text encoder, a UNet that predicts "
+                           f"the noise, prediction_type 'epsilon'); found {type(pipe).__name__} with prediction_type "
+                           f"{prediction!r}. The loops train on the epsilon loss: pass an SD v1 folder or tiny-sd.")
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
