@@ -70,7 +70,7 @@ def test_diffusers_files_give_the_same_images(sd_folder, tmp_path, train_q_out):
     assert max_pixel_diff(fresh(PROMPT, generator=gen(0), **RUN).images, before) == 0
     fresh.unet.load_attn_procs(tmp_path, weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=fresh)
 
-    changed = load_attn_procs(mine.unet, tmp_path)                 # finds pytorch_custom_diffusion_weights.bin
+    changed = mine.unet.load_attn_procs(tmp_path)          # diffusers' method name; finds pytorch_custom_diffusion_weights.bin
     assert mine.load_textual_inversion(tmp_path, weight_name="<new1>.bin") == ["<new1>"]
     per_layer = 4 if train_q_out else 2
     attn2 = [n for n, _ in mine.unet.named_modules() if n.endswith("attn2")]

@@ -2,7 +2,7 @@
 
 minidiff reads from the bottom up, one folder per layer:
 
-    core (config, hub, utils, photos) -> blocks -> models -> schedulers, loaders -> pipelines
+    core (config, hub, utils, photos) -> blocks, loaders -> models -> schedulers -> pipelines
         -> techniques (control, training) -> plots, course, CLI (viz, course.py, __main__.py, __init__.py)
 
 Every import in every module is read with `ast`, at module level and inside functions alike: an import
@@ -23,7 +23,10 @@ LAYERS = {
     "core": 0, "checkpoints": 0,
     "blocks": 1,
     "models": 2,
-    "schedulers": 3, "loaders": 3,   # loaders (Textual Inversion, LoRA, Custom Diffusion) change models in place
+    "schedulers": 3,
+    # loaders (Textual Inversion, LoRA, Custom Diffusion files) need only core/ and change any module in place,
+    # so the models can offer diffusers' methods (unet.load_attn_procs) on top of them
+    "loaders": 1,
     "pipelines": 4,
     "control": 5, "training": 5,
     "viz": 6, "course": 6, "__main__": 6, "__init__": 6,

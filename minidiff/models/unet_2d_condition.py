@@ -33,6 +33,7 @@ from ..blocks.layers import Attention, TimestepEmbedding, broadcast_timesteps, t
 from ..blocks.transformer_2d import SpatialTransformer
 from ..blocks.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 from ..core.config import ModelConfig, check_block_types, check_group_norm
+from ..loaders.custom_diffusion import load_attn_procs, save_attn_procs
 from .modeling import PretrainedModel
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -301,6 +302,17 @@ class UNet2DConditionModel(PretrainedModel):
         want, run the UNet, then read `layer.attention_probs`, shape (B, heads, h*w of that level, M tokens).
         """
         return {name: module for name, module in self.named_modules() if name.endswith(".attn2")}
+
+    def load_attn_procs(self, pretrained_model_name_or_path_or_dict, weight_name: str | None = None,
+                        subfolder: str | None = None) -> list[str]:
+        """Custom Diffusion's learned cross-attention projections, as diffusers' `unet.load_attn_procs`
+        (the file `pytorch_custom_diffusion_weights.bin` / `.safetensors`): see loaders/custom_diffusion.py."""
+        return load_attn_procs(self, pretrained_model_name_or_path_or_dict, weight_name, subfolder)
+
+    def save_attn_procs(self, save_directory, weight_name: str | None = None, safe_serialization: bool = True,
+                        train_q_out: bool = False) -> str:
+        """Write the cross-attention projections in Custom Diffusion's file format (loaders/custom_diffusion.py)."""
+        return save_attn_procs(self, save_directory, weight_name, safe_serialization, train_q_out)
 
     def _check_inputs(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
         c_in, d_text = self.config.in_channels, self.config.cross_attention_dim
