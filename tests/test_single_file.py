@@ -19,7 +19,8 @@ from minidiff import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMode
 from minidiff.core.checkpoint_file import UnsafeCheckpointError, read_checkpoint_file, read_state_dict
 from minidiff.models.ldm_layout import (OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, ema_name, ldm_name,
                                         open_clip_from_ldm, open_clip_to_ldm, to_ldm, unet_blocks, vae_blocks)
-from minidiff.pipelines.single_file import UNET_V2, load_single_file, save_single_file
+from minidiff.models.single_file import UNET_V2
+from minidiff.pipelines.single_file import load_single_file, save_single_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -335,3 +336,38 @@ def test_sd2_layout_round_trip_and_diffusers(reference_dir, tmp_path):
     save_file(weights, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ValueError, match=r"fit no part of the SD 2 text encoder.*resblocks\.0\.attn\.extra"):
         load_single_file(StableDiffusionPipeline, str(tmp_path / "extra.safetensors"), config=str(folder))
+
+
+# --- one model from a single file (diffusers' model-level from_single_file) ---------------------------------
+
+def test_unet_and_vae_from_single_file_equal_the_pipeline_and_diffusers(small_sd, tmp_path):
+    import diffusers
+
+    folder, pipe, path = small_sd
+    unet = UNet2DConditionModel.from_single_file(str(path), config=str(folder / "unet"))
+    vae = AutoencoderKL.from_single_file(str(path), config=str(folder / "vae"))
+    theirs_unet = diffusers.UNet2DConditionModel.from_single_file(str(path), config=str(folder), subfolder="unet",
+                                                                  local_files_only=True)
+    for ours, reference in ((unet, pipe.unet), (vae, pipe.vae), (unet, theirs_unet)):
+        a, b = ours.state_dict(), reference.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a VAE-only file (keys without first_stage_model., plus the GAN loss's discriminator a training file keeps)
+    alone = {k.removeprefix(VAE_PREFIX): v for k, v in load_file(str(path)).items() if k.startswith(VAE_PREFIX)}
+    save_file({**alone, "loss.discriminator.main.0.weight": torch.zeros(2)}, str(tmp_path / "vae.safetensors"))
+    again = AutoencoderKL.from_single_file(str(tmp_path / "vae.safetensors"), config=str(folder / "vae"))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), pipe.vae.state_dict().values()))
+
+
+def test_model_level_errors(small_sd, tmp_path):
+    folder, pipe, path = small_sd
+    with pytest.raises(ValueError, match="768 \\(v1\\) or 1024 \\(v2\\) wide; found 32.*config="):
+        UNet2DConditionModel.from_single_file(str(path))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        UNet2DConditionModel.from_single_file(str(path), config=str(folder))      # the pipeline folder, not unet/
+    save_file({UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024)},
+              str(tmp_path / "v2.safetensors"))
+    with pytest.raises(ValueError, match="prediction_type="):
+        UNet2DConditionModel.from_single_file(str(tmp_path / "v2.safetensors"))
+    with pytest.raises(ValueError, match="holds no VAE"):
+        AutoencoderKL.from_single_file(str(tmp_path / "v2.safetensors"))

@@ -35,6 +35,7 @@ from ..blocks.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 from ..core.config import ModelConfig, check_block_types, check_group_norm
 from ..loaders.custom_diffusion import load_attn_procs, save_attn_procs
 from .modeling import PretrainedModel
+from .single_file import unet_from_single_file
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -302,6 +303,13 @@ class UNet2DConditionModel(PretrainedModel):
         want, run the UNet, then read `layer.attention_probs`, shape (B, heads, h*w of that level, M tokens).
         """
         return {name: module for name, module in self.named_modules() if name.endswith(".attn2")}
+
+    @classmethod
+    def from_single_file(cls, path: str, config=None, prediction_type: str | None = None, extract_ema: bool = False,
+                         torch_dtype: torch.dtype | None = None) -> "UNet2DConditionModel":
+        """The UNet of an original CompVis / LDM single file (or a UNet-only file), offline, no pickle run: SD v1 or
+        v2 from its cross-attention width (v2: pass prediction_type), or `config=`: see models/single_file.py."""
+        return unet_from_single_file(cls, path, config, prediction_type, extract_ema, torch_dtype)
 
     def load_attn_procs(self, pretrained_model_name_or_path_or_dict, weight_name: str | None = None,
                         subfolder: str | None = None) -> list[str]:

@@ -28,6 +28,7 @@ from ..blocks.unet_blocks import UNetMidBlock2D
 from ..core.config import ModelConfig, check_block_types, check_group_norm
 from ..core.utils import randn_tensor
 from .modeling import PretrainedModel
+from .single_file import vae_from_single_file
 
 EPS = 1e-6  # the GroupNorm epsilon of every norm in the VAE (fixed in the original code, not in config.json)
 
@@ -248,6 +249,12 @@ class AutoencoderKL(PretrainedModel):
         self.tile_sample_size = sample_size
         self.tile_latent_size = sample_size // 2 ** (len(config.block_out_channels) - 1)
         self.tile_overlap = 0.25
+
+    @classmethod
+    def from_single_file(cls, path: str, config=None, torch_dtype: torch.dtype | None = None) -> "AutoencoderKL":
+        """The VAE of an original CompVis / LDM single file, or a VAE-only file (vae-ft-mse-840000-...), offline,
+        no pickle run; SD's VAE config unless `config=` (a dict or a vae/ folder): see models/single_file.py."""
+        return vae_from_single_file(cls, path, config, torch_dtype)
 
     def enable_slicing(self) -> None:
         """Encode and decode one image of a batch at a time: less peak memory for large batches, same result."""

@@ -22,21 +22,17 @@ import torch
 
 from ..core.checkpoint_file import read_state_dict
 from ..core.config import read_json
-from ..models.ldm_layout import (CLIP_PREFIX, EMA_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, clip_from_ldm,
-                                 clip_to_ldm, ema_name, from_ldm, open_clip_from_ldm, open_clip_to_ldm, open_clip_unused, to_ldm,
+from ..models.ldm_layout import (CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, clip_from_ldm,
+                                 clip_to_ldm, from_ldm, open_clip_from_ldm, open_clip_to_ldm, open_clip_unused, to_ldm,
                                  unet_blocks, vae_blocks)
+from ..models.single_file import check_prediction_type, unet_config, use_ema_weights, vae_config
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..schedulers.ddim import DDIMScheduler
 from ..schedulers.pndm import PNDMScheduler
 from .loading import SCHEDULER_CLASSES
 
-# The published configs (CompVis/stable-diffusion-v1-4, stabilityai/stable-diffusion-2-1[-base]), as the fields
-# that differ from the config classes' defaults.
-UNET_V1 = dict(cross_attention_dim=768, sample_size=64)
-UNET_V2 = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+# The published text encoder and scheduler configs (the UNet's and VAE's are in models/single_file.py).
 CLIP_V1 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 CLIP_V2 = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
@@ -82,21 +78,6 @@ def check_published_width(weights: dict[str, torch.Tensor], version: str, path: 
                          f"{width}. For a model of other sizes pass config=<its diffusers folder>.")
 
 
-def use_ema_weights(weights: dict[str, torch.Tensor], extract_ema: bool, path: str) -> dict[str, torch.Tensor]:
-    """With `extract_ema`, the UNet's weights are replaced by their EMA copy (`model_ema.*`), as diffusers'
-    `extract_ema=True` does; by default the file's `model.diffusion_model.*` weights are used as they are."""
-    ema = {k: v for k, v in weights.items() if k.startswith(EMA_PREFIX)}
-    weights = {k: v for k, v in weights.items() if not k.startswith(EMA_PREFIX)}
-    if not extract_ema:
-        return weights
-    if not ema:
-        raise ValueError(f"extract_ema=True, but {path} holds no EMA weights (model_ema.*): it was saved "
-                         "with one set only (e.g. a '-emaonly' file). Leave extract_ema off.")
-    for key in [k for k in weights if k.startswith(UNET_PREFIX)]:
-        weights[key] = ema[ema_name(key)]
-    return weights
-
-
 def find_tokenizer(version: str, local_files_only: bool):
     from transformers import CLIPTokenizer
 
@@ -125,29 +106,21 @@ def load_single_file(pipeline_cls, path: str, prediction_type: str | None = None
     version = detect_version(weights, path)
     if config is None:
         check_published_width(weights, version, path)
-    if prediction_type not in (None, "epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; found {prediction_type!r}.")
-    if version == "v2" and prediction_type is None and scheduler is None and config is None:
-        raise ValueError(f"{path} is a Stable Diffusion 2 file, which cannot tell what its UNet predicts: pass "
-                         "prediction_type='v_prediction' (stable-diffusion-2-1, 768 px) or 'epsilon' "
-                         "(stable-diffusion-2-1-base, 512 px).")
-    prediction_type = prediction_type or "epsilon"
+    prediction_type = check_prediction_type(prediction_type, version, path, needed=scheduler is None and config is None)
     weights = use_ema_weights(weights, extract_ema, path)
 
     # 3. the models, each from its config, every weight copied in under its diffusers name
     v_pred = prediction_type == "v_prediction"
     if config is not None:
-        unet_config = read_json(os.path.join(config, "unet", "config.json"))
-        vae_config = read_json(os.path.join(config, "vae", "config.json"))
+        unet_settings = read_json(os.path.join(config, "unet", "config.json"))
+        vae_settings = read_json(os.path.join(config, "vae", "config.json"))
         text_config = CLIPTextConfig.from_pretrained(os.path.join(config, "text_encoder"))
     else:
-        unet_config = UNET_V1 if version == "v1" else dict(UNET_V2, sample_size=96 if v_pred else 64,
-                                                           upcast_attention=v_pred)
-        vae_config = dict(VAE, sample_size=768 if v_pred else 512)
+        unet_settings, vae_settings = unet_config(version, prediction_type), vae_config(prediction_type)
         text_config = CLIPTextConfig(**(CLIP_V1 if version == "v1" else CLIP_V2))
-    unet = UNet2DConditionModel.from_config(unet_config)
+    unet = UNet2DConditionModel.from_config(unet_settings)
     unet.load_state_dict(from_ldm(unet, unet_blocks(unet.config), weights, UNET_PREFIX, path), strict=True)
-    vae = AutoencoderKL.from_config(vae_config)
+    vae = AutoencoderKL.from_config(vae_settings)
     vae.load_state_dict(from_ldm(vae, vae_blocks(vae.config), weights, VAE_PREFIX, path), strict=True)
     text_encoder = CLIPTextModel(text_config).eval()
     if version == "v1":
