@@ -29,9 +29,8 @@ import PIL.Image
 import torch
 
 from .core.config import read_json
-from .core.hub import resolve_file
 from .pipelines import DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-from .pipelines.loading import MODEL_INDEX_NAME
+from .pipelines.loading import find_model_index
 from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                          EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
@@ -194,10 +193,10 @@ def check(args) -> Run:
 def pipeline_class(model: str) -> tuple[type, str]:
     """The pipeline class that `model`'s model_index.json names, read before any weights are loaded; and the
     path of that model_index.json."""
-    index_path = resolve_file(model, MODEL_INDEX_NAME, required=False)
-    if index_path is None:
-        raise FileNotFoundError(f"--model {model}: expected a pipeline folder holding {MODEL_INDEX_NAME}, found "
-                                "none. Pass a folder in the hub layout, 'tiny-sd', 'tiny-ddpm' or a hub repo id.")
+    try:
+        index_path = find_model_index(model)
+    except OSError as e:   # not a pipeline folder, or offline without it in the cache: say which, naming --model
+        raise type(e)(f"--model {model}: {e}") from e
     cls = DiffusionPipeline._pipeline_class(read_json(index_path), index_path)
     if not issubclass(cls, (DDPMPipeline, StableDiffusionPipeline)):
         raise ValueError(f"--model {model} is a {cls.__name__}; the command line runs DDPMPipeline and "

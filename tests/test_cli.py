@@ -216,7 +216,7 @@ BAD_INPUTS = [
     (["--negative-prompt", "blurry", "--guidance", "1"], "--negative-prompt is used by classifier-free guidance only"),
     (["--device", "gpu"], "--device 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (["--model", "{tmp}/nowhere"], "is neither an existing folder"),
-    (["--model", "{tmp}"], "expected a pipeline folder holding model_index.json, found none"),
+    (["--model", "{tmp}"], "Expected a model_index.json in {tmp}, found none: this is not a pipeline folder"),
     (["--out", "{tmp}/a-file"], "is a file; expected a folder"),
     (["--out", "{tmp}/a-file/sub"], "is a file, so no folder can be made under it"),
     (["--overwrite"], "--overwrite applies to --out DIR"),
@@ -278,3 +278,13 @@ def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
     assert re.fullmatch(r"minidiff: error: --prompt given, but tiny-ddpm is an unconditional DDPMPipeline[^\n]*\n",
                         result.stderr), result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_offline_hub_id_is_diagnosed_as_offline(tmp_path, monkeypatch, capsys, no_loading):
+    """Offline, a hub id that is not in the cache is said to be that (not 'not a pipeline folder')."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["--no-progress", "--model", "someone/some-model", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--model someone/some-model: There is no local folder" in err and "runs offline" in err, err
+    assert "HF_HUB_OFFLINE=1" in err and err.count("\n") == 1

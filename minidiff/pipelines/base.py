@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from ..blocks.layers import Attention
 from ..core.config import read_json
-from ..core.hub import OFFLINE_HELP, bundled_path, is_offline, resolve_file
+from ..core.hub import bundled_path
 from ..models.modeling import DTYPE_NAMES, as_torch_dtype
 from ..models.vae import AutoencoderKL
 from .checks import FiniteWatch
-from .loading import MODEL_INDEX_NAME, NOT_LOADED, download_components, load_component
+from .loading import NOT_LOADED, download_components, find_model_index, load_component
 from .outputs import record_step
 
 
@@ -68,22 +68,8 @@ class DiffusionPipeline:
         """
         torch_dtype = as_torch_dtype(torch_dtype)   # before any file is read
         find = dict(cache_dir=cache_dir, local_files_only=local_files_only)
-        index_path = resolve_file(path_or_repo_id, MODEL_INDEX_NAME, required=False, **find)
+        index_path = find_model_index(path_or_repo_id, cache_dir, local_files_only)
         local = os.path.isdir(path_or_repo_id) or bundled_path(path_or_repo_id) is not None
-        if index_path is None and not local and is_offline(local_files_only):
-            # Offline, a file missing from the cache and a file missing from the repo look the same.
-            raise OSError(
-                f"There is no local folder {path_or_repo_id!r}, so it was looked up as a hub repo id, but this runs "
-                f"offline (HF_HUB_OFFLINE=1 or local_files_only=True) and the cache"
-                f"{' ' + cache_dir if cache_dir else ''} holds no {MODEL_INDEX_NAME} of {path_or_repo_id}: the "
-                f"repo was never downloaded here (or is not a pipeline). {OFFLINE_HELP}"
-            )
-        if index_path is None:
-            raise FileNotFoundError(
-                f"Expected a {MODEL_INDEX_NAME} in {path_or_repo_id}, found none: this is not a pipeline "
-                "folder in the hub layout. To load one model, use e.g. "
-                "minidiff.UNet2DModel.from_pretrained(path, subfolder='unet')."
-            )
         index = read_json(index_path)
         pipeline_cls = cls._pipeline_class(index, index_path)
 

@@ -22,7 +22,7 @@ import torch
 
 from .. import schedulers
 from ..core.compat import transformers_dtype_kwargs
-from ..core.hub import OFFLINE_HELP, is_offline
+from ..core.hub import OFFLINE_HELP, bundled_path, is_offline, resolve_file
 from ..models.controlnet import ControlNetModel
 from ..models.t2i_adapter import T2IAdapter
 from ..models.unet_2d import UNet2DModel
@@ -61,6 +61,29 @@ SCHEDULER_CLASSES = {
     "DPMSolverMultistepScheduler": schedulers.DPMSolverMultistepScheduler,
     "UniPCMultistepScheduler": schedulers.UniPCMultistepScheduler,
 }
+
+
+def find_model_index(path_or_repo_id: str, cache_dir: str | None = None, local_files_only: bool | None = None) -> str:
+    """The path of a pipeline's model_index.json (a local folder, a bundled name, or a hub repo, downloaded or
+    cached), or an error that says which of those it is not, and whether this runs offline."""
+    index_path = resolve_file(path_or_repo_id, MODEL_INDEX_NAME, required=False, cache_dir=cache_dir,
+                              local_files_only=local_files_only)
+    if index_path is not None:
+        return index_path
+    local = os.path.isdir(path_or_repo_id) or bundled_path(path_or_repo_id) is not None
+    if not local and is_offline(local_files_only):
+        # Offline, a file missing from the cache and a file missing from the repo look the same.
+        raise OSError(
+            f"There is no local folder {path_or_repo_id!r}, so it was looked up as a hub repo id, but this runs "
+            f"offline (HF_HUB_OFFLINE=1 or local_files_only=True) and the cache"
+            f"{' ' + cache_dir if cache_dir else ''} holds no {MODEL_INDEX_NAME} of {path_or_repo_id}: the "
+            f"repo was never downloaded here (or is not a pipeline). {OFFLINE_HELP}"
+        )
+    raise FileNotFoundError(
+        f"Expected a {MODEL_INDEX_NAME} in {path_or_repo_id}, found none: this is not a pipeline "
+        "folder in the hub layout. To load one model, use e.g. "
+        "minidiff.UNet2DModel.from_pretrained(path, subfolder='unet')."
+    )
 
 
 def load_component(folder: str, name: str, library_and_class, torch_dtype, variant, use_safetensors):
