@@ -494,3 +494,15 @@ def test_safety_checker_arguments_are_accepted(sd):
     np.testing.assert_array_equal(plain.images, same.images)
     with pytest.warns(UserWarning, match="got a safety_checker: minidiff does not run it .*no NSFW filter"):
         minidiff.StableDiffusionPipeline(**parts, safety_checker=object())
+
+
+def test_from_pretrained_takes_diffusers_safety_checker_keywords():
+    """`from_pretrained(..., safety_checker=None, requires_safety_checker=False)`, as the diffusers tutorials
+    write it, loads (the constructor accepted it already); a real image encoder is refused, None accepted."""
+    pipe = load_minidiff(minidiff.StableDiffusionPipeline, "tiny-sd", safety_checker=None,
+                         requires_safety_checker=False, image_encoder=None)
+    assert isinstance(pipe, minidiff.StableDiffusionPipeline)
+    with pytest.raises(TypeError, match="no image encoder.*image_encoder=None is accepted"):
+        load_minidiff(minidiff.StableDiffusionPipeline, "tiny-sd", image_encoder=object())
+    with pytest.raises(TypeError, match="unknown component revision="):
+        load_minidiff(minidiff.StableDiffusionPipeline, "tiny-sd", revision="main")

@@ -371,3 +371,10 @@ def test_model_level_errors(small_sd, tmp_path):
         UNet2DConditionModel.from_single_file(str(tmp_path / "v2.safetensors"))
     with pytest.raises(ValueError, match="holds no VAE"):
         AutoencoderKL.from_single_file(str(tmp_path / "v2.safetensors"))
+
+
+def test_torch_dtype_is_checked_before_the_file_is_read(tmp_path):
+    for load in (StableDiffusionPipeline.from_single_file, UNet2DConditionModel.from_single_file,
+                 AutoencoderKL.from_single_file):
+        with pytest.raises(TypeError, match="torch_dtype must be a floating torch.dtype"):
+            load(str(tmp_path / "not-there.safetensors"), torch_dtype=torch.int8)     # no FileNotFoundError first

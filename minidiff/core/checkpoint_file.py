@@ -74,6 +74,10 @@ def read_checkpoint_file(path: str) -> dict:
         # torch.save has written zip archives since PyTorch 1.6 (2020); every SD .ckpt is one.
         raise OSError(f"{path} ({size} bytes) is not a PyTorch zip checkpoint: it is truncated, or an old "
                       "pre-1.6 format that minidiff does not read. Convert it to .safetensors where it was made.")
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        # torch 2.5 added the listing; 2.6 the (placeholder, "module.name") pairs of safe_globals used below.
+        raise RuntimeError(f"Reading the pickle in {path} safely needs torch >= 2.6 (found {torch.__version__}): "
+                           "upgrade torch, or use the .safetensors version of the checkpoint.")
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)   # reads opcodes, runs nothing
     except Exception as e:

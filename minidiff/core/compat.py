@@ -19,3 +19,13 @@ def transformers_dtype_kwargs(dtype: torch.dtype) -> dict:
     """transformers' `from_pretrained` dtype keyword for the installed version: {"dtype": d} or {"torch_dtype": d}."""
     major, minor = (int(part) for part in version("transformers").split(".")[:2])  # "4.56.0.dev0" -> 4, 56
     return {"dtype": dtype} if (major, minor) >= DTYPE_KEYWORD_SINCE else {"torch_dtype": dtype}
+
+
+def resize_token_embeddings(text_encoder, num_tokens: int) -> None:
+    """Grow the text encoder's token table to `num_tokens` rows. transformers 4.46 added `mean_resizing` (new rows
+    drawn around the old rows' mean, which costs a covariance of the whole table); minidiff writes the new rows
+    itself, so it is turned off where it exists and not passed to the versions before."""
+    import inspect
+
+    takes = "mean_resizing" in inspect.signature(text_encoder.resize_token_embeddings).parameters
+    text_encoder.resize_token_embeddings(num_tokens, **({"mean_resizing": False} if takes else {}))

@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from ..core.compat import resize_token_embeddings
 from .files import find_weight_file, read_weight_file, save_weight_file
 
 TEXT_INVERSION_NAME = "learned_embeds.bin"
@@ -120,8 +121,8 @@ def load_textual_inversion(tokenizer, text_encoder, pretrained_model_name_or_pat
         raise ValueError(f"The tokens {new_tokens} hold duplicates; give each concept its own token.")
 
     # 3. Grow the embedding table by one row per vector and write the learned rows there.
-    # mean_resizing=False: the new rows are written over below, so transformers need not sample them.
-    text_encoder.resize_token_embeddings(len(tokenizer) + len(new_tokens), mean_resizing=False)
+    # The new rows are written over below, so transformers need not sample them (core/compat.py).
+    resize_token_embeddings(text_encoder, len(tokenizer) + len(new_tokens))
     table = text_encoder.get_input_embeddings().weight                       # (vocab + new, D)
     with torch.no_grad():
         for tok, embedding, _ in concepts:

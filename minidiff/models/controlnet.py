@@ -311,6 +311,8 @@ class ControlNetModel(PretrainedModel):
             down = [d.mean(dim=(2, 3), keepdim=True) for d in down]          # (B, C, 1, 1): the same everywhere
             mid = mid.mean(dim=(2, 3), keepdim=True)
 
+        # The one return_dict switch in minidiff (STYLE rule 7 says none): diffusers' ControlNet code unpacks
+        # `down, mid = controlnet(..., return_dict=False)`, and that line should run unchanged.
         if not return_dict:
             return down, mid
         return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)

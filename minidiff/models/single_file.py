@@ -18,6 +18,7 @@ import torch
 
 from ..core.checkpoint_file import read_state_dict
 from ..core.config import read_json
+from .modeling import as_torch_dtype
 from .ldm_layout import EMA_PREFIX, UNET_PREFIX, VAE_PREFIX, ema_name, from_ldm, unet_blocks, vae_blocks
 
 # The published configs (CompVis/stable-diffusion-v1-4, stabilityai/stable-diffusion-2-1[-base]), as the fields
@@ -82,6 +83,7 @@ def _config(config, source: str):
 def unet_from_single_file(cls, path: str, config=None, prediction_type: str | None = None, extract_ema: bool = False,
                           torch_dtype: torch.dtype | None = None):
     """`cls` (UNet2DConditionModel) from a whole SD checkpoint (`model.diffusion_model.*`) or a UNet-only file."""
+    torch_dtype = as_torch_dtype(torch_dtype)                 # before a multi-GB file is read
     weights = use_ema_weights(read_state_dict(path), extract_ema, path)
     prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX) for k in weights) else ""
     if prefix + "input_blocks.0.0.weight" not in weights:
@@ -104,6 +106,7 @@ def vae_from_single_file(cls, path: str, config=None, torch_dtype: torch.dtype |
     """`cls` (AutoencoderKL) from a whole SD checkpoint (`first_stage_model.*`) or a VAE-only file (its keys
     `encoder.*`, `decoder.*`; the `loss.*` weights that training checkpoints keep, the discriminator of the
     VAE's GAN loss, are not part of the model and are left out)."""
+    torch_dtype = as_torch_dtype(torch_dtype)
     weights = read_state_dict(path)
     if any(k.startswith(VAE_PREFIX) for k in weights):
         prefix = VAE_PREFIX

@@ -22,7 +22,7 @@ from ..core.hub import bundled_path
 from ..models.modeling import DTYPE_NAMES, as_torch_dtype
 from ..models.vae import AutoencoderKL
 from .checks import FiniteWatch
-from .loading import NOT_LOADED, download_components, find_model_index, load_component
+from .loading import DROPPED_KEYWORDS, NOT_LOADED, download_components, find_model_index, load_component
 from .outputs import record_step
 
 
@@ -74,7 +74,7 @@ class DiffusionPipeline:
         pipeline_cls = cls._pipeline_class(index, index_path)
 
         for name, value in components.items():
-            if name not in pipeline_cls.component_names and name not in NOT_LOADED:
+            if name not in pipeline_cls.component_names and name not in NOT_LOADED + DROPPED_KEYWORDS:
                 # diffusers' loading options that minidiff does not take (revision=, dtype=, device_map=, ...) end
                 # up here too: say which options there are, so that a typo or a diffusers habit is not a mystery.
                 raise TypeError(
@@ -83,6 +83,9 @@ class DiffusionPipeline:
                     "variant=, use_safetensors=, cache_dir=, local_files_only=."
                     + (" (dtype= is diffusers' newer name for torch_dtype=.)" if name == "dtype" else "")
                 )
+            if name == "image_encoder" and value is not None and name not in pipeline_cls.component_names:
+                raise TypeError(f"{pipeline_cls.__name__} has no image encoder (IP-Adapter is not part of minidiff); "
+                                "image_encoder=None is accepted, as in diffusers.")
             if isinstance(value, type) and name != "scheduler":   # the scheduler's own message: its setter
                 raise TypeError(
                     f"{name}= got the class {value.__name__} itself; pass a loaded component, e.g. "
@@ -104,8 +107,9 @@ class DiffusionPipeline:
         # (Depth2Image's feature_extractor is its depth estimator's image processor).
         not_loaded = [n for n in NOT_LOADED if n not in pipeline_cls.component_names]
         parts = dict(components)
-        for name in not_loaded:
-            parts.pop(name, None)
+        for name in [*not_loaded, *DROPPED_KEYWORDS]:
+            if name not in pipeline_cls.component_names:
+                parts.pop(name, None)
         for name in to_load:
             library_and_class = index[name]
             parts[name] = load_component(folder, name, library_and_class, torch_dtype, variant, use_safetensors)

@@ -33,6 +33,9 @@ MODEL_INDEX_NAME = "model_index.json"
 
 # Components that diffusers' Stable Diffusion folders name but minidiff does not load.
 NOT_LOADED = ("safety_checker", "feature_extractor")
+# Keywords of diffusers' from_pretrained for those parts, accepted and dropped as in the constructors
+# (`safety_checker=None, requires_safety_checker=False` is what the tutorials write).
+DROPPED_KEYWORDS = ("requires_safety_checker", "image_encoder")
 
 
 # model_index.json class name -> the minidiff class that loads it. The transformers classes are

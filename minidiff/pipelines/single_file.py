@@ -25,6 +25,7 @@ from ..core.config import read_json
 from ..models.ldm_layout import (CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, clip_from_ldm,
                                  clip_to_ldm, from_ldm, open_clip_from_ldm, open_clip_to_ldm, open_clip_unused, to_ldm,
                                  unet_blocks, vae_blocks)
+from ..models.modeling import as_torch_dtype
 from ..models.single_file import check_prediction_type, unet_config, use_ema_weights, vae_config
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
@@ -102,6 +103,7 @@ def load_single_file(pipeline_cls, path: str, prediction_type: str | None = None
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    torch_dtype = as_torch_dtype(torch_dtype)                 # before a multi-GB file is read
     weights = read_state_dict(path)
     version = detect_version(weights, path)
     if config is None:
