@@ -21,7 +21,10 @@ from minidiff.loaders.lora import LoRALayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONCEPT = Concept("<sks>", "purple", "square")
-TABLE = "embeddings.token_embedding.weight"          # the text encoder's (vocab, D) table (no text_model. prefix)
+def token_table(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The text encoder's (vocab, D) token table in a state dict: `text_model.embeddings.token_embedding.weight`
+    under transformers 4, `embeddings.token_embedding.weight` under 5."""
+    return next(v for k, v in state.items() if k.endswith("embeddings.token_embedding.weight"))
 
 
 def run(module, tmp_path, *options):
@@ -75,7 +78,7 @@ def test_textual_inversion_learns_only_the_new_row_and_moves_the_colour(tmp_path
     assert not changed(base["text_encoder"], pipe.text_encoder)       # the old rows included (compared up to vocab)
     table = pipe.text_encoder.get_input_embeddings().weight
     start_table = start.text_encoder.get_input_embeddings().weight
-    assert table.shape[0] == len(base["text_encoder"][TABLE]) + 1 and not torch.equal(table[-1], start_table[-1])
+    assert table.shape[0] == len(token_table(base["text_encoder"])) + 1 and not torch.equal(table[-1], start_table[-1])
     assert result["trained_parameters"] == 64                   # one row of width 64
 
     # The saved learned_embeds.safetensors loads through the loader, and in diffusers, to the same image.
@@ -92,7 +95,7 @@ def test_textual_inversion_learns_only_the_new_row_and_moves_the_colour(tmp_path
 def test_textual_inversion_multi_vector(tmp_path, base):
     pipe, result = run(textual_inversion, tmp_path, "--steps", "2", "--num-vectors", "3")
     table = pipe.text_encoder.get_input_embeddings().weight
-    old = base["text_encoder"][TABLE]
+    old = token_table(base["text_encoder"])
     assert torch.equal(table[:len(old)], old) and table.shape[0] == len(old) + 3
     assert result["trained_parameters"] == 3 * 64
     loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))
@@ -140,7 +143,7 @@ def test_custom_diffusion_two_concepts_trains_only_cross_attention_kv_and_the_wo
     assert moved and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in moved), sorted(moved)
     assert not changed(base["vae"], pipe.vae)
     table = pipe.text_encoder.get_input_embeddings().weight
-    old = base["text_encoder"][TABLE]
+    old = token_table(base["text_encoder"])
     assert torch.equal(table[:len(old)], old) and table.shape[0] == len(old) + 2
     assert {"<new1>.safetensors", "<new2>.safetensors"} <= set(os.listdir(tmp_path / "run"))
     loaded = load_finetuned("tiny-sd", str(tmp_path / "run"))

@@ -34,7 +34,7 @@ def numbered(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_unet_key_map_equals_diffusers_converter(reference_dir, version):
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    convert_ldm_unet_checkpoint = pytest.importorskip("diffusers.loaders.single_file_utils").convert_ldm_unet_checkpoint
 
     config = json.loads((reference_dir / "stable-diffusion-v1-4" / "unet" / "config.json").read_text())
     if version == "v2":
@@ -50,7 +50,7 @@ def test_unet_key_map_equals_diffusers_converter(reference_dir, version):
 
 
 def test_vae_key_map_equals_diffusers_converter(reference_dir):
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    convert_ldm_vae_checkpoint = pytest.importorskip("diffusers.loaders.single_file_utils").convert_ldm_vae_checkpoint
 
     config = json.loads((reference_dir / "stable-diffusion-v1-4" / "vae" / "config.json").read_text())
     with torch.device("meta"):
@@ -66,7 +66,7 @@ def test_vae_key_map_equals_diffusers_converter(reference_dir):
 
 def test_open_clip_map_equals_diffusers_converter():
     """SD 2's text tower: in_proj split into q, k, v; the 24th block, text_projection and logit_scale dropped."""
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    convert_open_clip_checkpoint = pytest.importorskip("diffusers.loaders.single_file_utils").convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
     D, layers = 16, 3
@@ -121,7 +121,7 @@ def test_saved_file_loads_back_tensor_for_tensor(small_sd):
 
 def test_diffusers_reads_minidiff_files_and_minidiff_reads_the_same(small_sd):
     """diffusers' from_single_file on a file minidiff saved gives minidiff's tensors: the two maps agree."""
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
 
     folder, pipe, path = small_sd
     theirs = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
@@ -310,7 +310,7 @@ def test_bookkeeping_globals_are_inert_placeholders(tmp_path):
 def test_sd2_layout_round_trip_and_diffusers(reference_dir, tmp_path):
     """A small SD 2-like model (linear projections, a GELU text encoder written as OpenCLIP): minidiff's file has
     OpenCLIP's names (in_proj fused), loads back tensor for tensor, and diffusers reads it to the same tensors."""
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = make_fake_sd(tmp_path / "sd2", reference_dir, use_linear_projection=True)
@@ -341,7 +341,7 @@ def test_sd2_layout_round_trip_and_diffusers(reference_dir, tmp_path):
 # --- one model from a single file (diffusers' model-level from_single_file) ---------------------------------
 
 def test_unet_and_vae_from_single_file_equal_the_pipeline_and_diffusers(small_sd, tmp_path):
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
 
     folder, pipe, path = small_sd
     unet = UNet2DConditionModel.from_single_file(str(path), config=str(folder / "unet"))
