@@ -29,6 +29,7 @@ import PIL.Image
 import torch
 
 from .core.config import read_json
+from .core.utils import parse_device
 from .pipelines import DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from .pipelines.loading import find_model_index
 from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -236,18 +237,7 @@ def read_image(path: str) -> PIL.Image.Image:
 
 def pick_device(name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
     """--device and --dtype -> (device, dtype); 'auto' is CUDA (float16) when there is a GPU, else CPU (float32)."""
-    if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(name)
-        except RuntimeError as e:
-            raise ValueError(f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({e}).") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU. Use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0. "
-                         "Pass one of those, or --device cuda.")
+    device = parse_device(name)
     dtype = DTYPES[dtype_name] if dtype_name != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     return device, dtype
 

@@ -23,3 +23,20 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
         return torch.cat(parts, dim=0).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def parse_device(name: str) -> torch.device:
+    """A `--device` value -> torch.device: "auto" (CUDA when PyTorch sees a GPU, else the CPU), "cpu", "cuda" or
+    "cuda:N"; a ValueError naming what was expected for anything else, or for a GPU that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({e}).") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU. Use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0. "
+                         "Pass one of those, or --device cuda.")
+    return device

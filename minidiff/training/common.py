@@ -24,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from ..core.utils import parse_device
 from .shapes import render_all
 
 STATE_NAME = "training_state.pt"
@@ -139,15 +140,12 @@ def is_inside(path: str, folder: str) -> bool:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    """--device (core/utils.parse_device), with cuDNN's autotuner and TF32 on for a GPU."""
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise CommandError(f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({e}).") from e
+        device = parse_device(name)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CommandError(f"--device {name} was asked for, but torch sees no CUDA GPU. Use --device cpu.")
         torch.backends.cudnn.benchmark = True           # pick the fastest conv kernels for our fixed shapes
         torch.backends.cuda.matmul.allow_tf32 = True    # TF32 for what runs outside bf16 autocast
         torch.backends.cudnn.allow_tf32 = True
