@@ -29,3 +29,18 @@ def resize_token_embeddings(text_encoder, num_tokens: int) -> None:
 
     takes = "mean_resizing" in inspect.signature(text_encoder.resize_token_embeddings).parameters
     text_encoder.resize_token_embeddings(num_tokens, **({"mean_resizing": False} if takes else {}))
+
+
+def save_clip_text_encoder(text_encoder, folder: str) -> None:
+    """Save a `transformers.CLIPTextModel` as SD v1-4's `text_encoder/` is saved: config.json and model.safetensors
+    with every key under `text_model.`. transformers 5 saves the keys without that prefix, which transformers 4
+    (the floor) reads as a checkpoint for another class and loads as random weights."""
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    text_encoder.config.save_pretrained(folder)
+    weights = {(k if k.startswith("text_model.") else "text_model." + k): v.detach().contiguous().cpu()
+               for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.utils import parse_device
+from .scenes import render_scenes
 from .shapes import render_all
 
 STATE_NAME = "training_state.pt"
@@ -46,7 +47,10 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, batch_size: int
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--lr", type=float, default=lr, help="AdamW learning rate after the warm-up")
     parser.add_argument("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
-    parser.add_argument("--num-images", type=int, default=100_000, help="size of the shapes data set")
+    parser.add_argument("--num-images", type=int, default=100_000, help="size of the data set")
+    parser.add_argument("--data", choices=("shapes", "scenes"), default="shapes",
+                        help="'shapes' (one shape on a plain background: shapes.py, the first edition) or 'scenes' "
+                             "(one or two shapes, relations, textured backgrounds: scenes.py, the second edition)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data set, the weights and the noise")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when there is one), 'cpu', 'cuda', ...")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU); the weights stay float32")
@@ -160,10 +164,12 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def load_images(args, resolution: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-    """The whole shapes data set, uint8 (N, 3, R, R), kept on `device`; and the captions."""
+    """The whole data set (--data shapes or scenes), uint8 (N, 3, R, R), kept on `device`; and the captions."""
     start = time.time()
-    images, captions = render_all(args.num_images, args.seed, resolution, args.workers)
-    print(f"drew {len(images)} shape images at {resolution}x{resolution} in {time.time() - start:.1f} s")
+    data = getattr(args, "data", "shapes")
+    draw = render_scenes if data == "scenes" else render_all
+    images, captions = draw(args.num_images, args.seed, resolution, args.workers)
+    print(f"drew {len(images)} {data} images at {resolution}x{resolution} in {time.time() - start:.1f} s")
     return images.to(device), captions
 
 

@@ -4,6 +4,7 @@ whose numbers are in the tiny checkpoints' model cards.
     python -m minidiff.training evaluate classifier       # accuracy of the classifier on the data set
     python -m minidiff.training evaluate sd --model tiny-sd
     python -m minidiff.training evaluate ddpm --model tiny-ddpm
+    python -m minidiff.training evaluate scenes --model runs/v2/tiny-sd    # the second edition: evaluate_scenes.py
 
 The classifier needs no training, because the data set is simple (`shapes.py`): backgrounds are white,
 gray or black (no colour at all) and shapes are saturated, so a pixel's chroma (max - min of R, G, B)
@@ -217,7 +218,7 @@ def save_grid(images, path: str, columns: int) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minidiff.training evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["classifier", "sd", "ddpm"])
+    parser.add_argument("what", choices=["classifier", "sd", "ddpm", "scenes"])
     parser.add_argument("--model", default=None, help="a pipeline folder or bundled name (tiny-sd, tiny-ddpm)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (sd: 25, ddpm: 1000)")
@@ -227,6 +228,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     start = time.time()
+    if args.what == "scenes":
+        from .evaluate_scenes import main as evaluate_scenes
+
+        return evaluate_scenes(args)
     if args.what == "classifier":
         for resolution in (64, 32):
             print(validate_classifier(resolution=resolution))

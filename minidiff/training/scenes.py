@@ -425,3 +425,24 @@ class ScenesDataset(torch.utils.data.Dataset):
                       "edges": torch.from_numpy(drawn["edges"]).float()[None],      # (H, W) -> (1, H, W)
                       "depth": torch.from_numpy(drawn["depth"])[None]}
         return image, caption(scene), conditions
+
+    def arrays(self, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
+        """Images uint8 (stop - start, size, size, 3) and captions of scenes start..stop-1 (PIL and numpy only)."""
+        scenes = [self.scene(i) for i in range(start, stop)]
+        return np.stack([render(s, self.size)["image"] for s in scenes]), [caption(s) for s in scenes]
+
+
+def render_scenes(num_images: int, seed: int = 0, size: int = 64, workers: int = 1):
+    """The base data set as (uint8 (N, 3, size, size), captions), drawn by `workers` processes."""
+    ds = ScenesDataset(num_images, seed, size)
+    bounds = [(s, min(s + -(-num_images // max(1, workers)), num_images))
+              for s in range(0, num_images, -(-num_images // max(1, workers)))]
+    if workers <= 1:
+        parts = [ds.arrays(*b) for b in bounds]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:  # the workers use PIL and numpy only, never torch
+            parts = list(pool.map(ds.arrays, *zip(*bounds)))
+    images = np.concatenate([p[0] for p in parts])                         # (N, size, size, 3)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [c for p in parts for c in p[1]]

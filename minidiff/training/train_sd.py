@@ -36,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.compat import save_clip_text_encoder
 from ..schedulers.ddpm import DDPMScheduler
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
-from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
+from . import scenes, shapes
+from .common import (CommandError, LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
                      prepare_run_folder, run_command, save_state, warmup_lr, write_json)
 from .shapes import to_model_range
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
@@ -64,6 +66,17 @@ UNET_CONFIG = {
     "act_fn": "silu",
     "use_linear_projection": False,
 }
+# The second edition, for 16x16 latents (the factor-4 VAE, `vae --latent-size 16`): three levels, 16x16 and 8x8
+# with cross-attention (so a token's attention map has 16x16 cells), 4x4 without, as SD v1's last level.
+UNET_CONFIG_16 = {
+    **UNET_CONFIG,
+    "sample_size": 16,                                         # 64x64 images / 4
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [64, 128, 128],                      # SD v1: [320, 640, 1280, 1280]
+}
+UNET_CONFIGS = {8: UNET_CONFIG, 16: UNET_CONFIG_16}            # latent size -> config
+
 # A CLIPTextModel like SD v1's (causal transformer, quick_gelu, 77 positions), 2 layers of width 64.
 TEXT_ENCODER_CONFIG = {
     "hidden_size": TEXT_HIDDEN_SIZE,
@@ -112,7 +125,7 @@ def make_text_encoder(tokenizer, config: dict = TEXT_ENCODER_CONFIG):
 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 1024):
-    """The posterior q(z | x) of every image: mean and std, each (N, 4, 8, 8), float32."""
+    """The posterior q(z | x) of every image: mean and std, each (N, 4, h, w), float32."""
     means, stds = [], []
     for start in range(0, len(images), batch_size):
         posterior = vae.encode(to_model_range(images[start:start + batch_size])).latent_dist
@@ -121,7 +134,7 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 1
     return torch.cat(means), torch.cat(stds)
 
 
-def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEXT_ENCODER_CONFIG):
+def train(args, unet_config: dict | None = None, text_encoder_config: dict = TEXT_ENCODER_CONFIG):
     from transformers import CLIPTokenizer
 
     device = pick_device(args.device)
@@ -133,9 +146,16 @@ def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEX
     images, captions = load_images(args, resolution=64, device=device)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device)
     scaling_factor = vae.config.scaling_factor
-    write_tokenizer(os.path.join(args.out, "tokenizer"))
+    latent_size = 64 // 2 ** (len(vae.config.block_out_channels) - 1)                  # 8 (factor 8) or 16 (factor 4)
+    if unet_config is None and latent_size not in UNET_CONFIGS:
+        raise CommandError(f"--vae {args.vae} makes {latent_size}x{latent_size} latents of a 64x64 image; this command "
+                           f"has UNet configs for {sorted(UNET_CONFIGS)}. Train the VAE with --latent-size 8 or 16.")
+    unet_config = unet_config or UNET_CONFIGS[latent_size]
+    # every word of the data's captions is one token (scenes' words include the edit instructions')
+    words = scenes.caption_words() if getattr(args, "data", "shapes") == "scenes" else shapes.caption_words()
+    write_tokenizer(os.path.join(args.out, "tokenizer"), words)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(args.out, "tokenizer"))
-    latent_mean, latent_std = encode_latents(vae, images)                          # (N, 4, 8, 8) each
+    latent_mean, latent_std = encode_latents(vae, images)                          # (N, 4, h, w) each
     del images
     tokens = tokenizer(captions, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
                        return_tensors="pt").input_ids.to(device)                   # (N, 77)
@@ -177,7 +197,7 @@ def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEX
             group["lr"] = args.lr * warmup_lr(step, args.warmup)
         # 3. z_0 ~ q(z | x), scaled to unit variance
         idx = torch.randint(len(tokens), (B,), generator=generator, device=device)
-        mean, std = latent_mean[idx], latent_std[idx]                               # (B, 4, 8, 8) each
+        mean, std = latent_mean[idx], latent_std[idx]                               # (B, 4, h, w) each
         z0 = scaling_factor * (mean + std * torch.randn(mean.shape, generator=generator, device=device))
         # 4. the captions, 10% of them replaced by "" (for classifier-free guidance)
         drop = torch.rand(B, generator=generator, device=device) < args.caption_dropout
@@ -213,7 +233,7 @@ def train(args, unet_config: dict = UNET_CONFIG, text_encoder_config: dict = TEX
 
     # 7. the pipeline folder
     ema_unet.eval().save_pretrained(os.path.join(args.out, "unet"))
-    ema_text.eval().save_pretrained(os.path.join(args.out, "text_encoder"))
+    save_clip_text_encoder(ema_text.eval(), os.path.join(args.out, "text_encoder"))     # SD v1-4's key layout
     if os.path.abspath(args.vae) != os.path.abspath(os.path.join(args.out, "vae")):
         shutil.copytree(args.vae, os.path.join(args.out, "vae"), dirs_exist_ok=True)
     os.makedirs(os.path.join(args.out, "scheduler"), exist_ok=True)

@@ -6,6 +6,7 @@ A variational autoencoder (Kingma & Welling 2014, https://arxiv.org/abs/1312.611
 Rombach et al. 2022, https://arxiv.org/abs/2112.10752, sec. 3.1) learns
 
     encode: x (B, 3, 64, 64) -> q(z | x) = N(mean, std^2), z (B, 4, 8, 8)     (factor 8, as SD's)
+                                                                  or (B, 4, 16, 16)   (--latent-size 16: factor 4)
     decode: z -> x_rec (B, 3, 64, 64)
 
 by minimising   loss = ||x - decode(z)||^2  +  kl_weight * KL(q(z | x) || N(0, I)),   z ~ q(z | x).
@@ -46,6 +47,12 @@ VAE_CONFIG = {
     "sample_size": 64,
     "scaling_factor": 1.0,                    # replaced by the measured value after training
 }
+# The second edition (--latent-size 16): 2 downsamplings = factor 4, as LDM-f4 (Rombach et al. 2022, table 1
+# found f4-f8 the best trade-off). SD's 512 px / 8 = 64x64 latents; our 64 px / 4 = 16x16: small enough
+# for a CPU, large enough that a cross-attention map can tell two objects apart.
+VAE_CONFIG_16 = {**VAE_CONFIG, "down_block_types": ["DownEncoderBlock2D"] * 3,
+                 "up_block_types": ["UpDecoderBlock2D"] * 3, "block_out_channels": [32, 64, 64]}
+VAE_CONFIGS = {8: VAE_CONFIG, 16: VAE_CONFIG_16}   # latent size of a 64x64 image -> config
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -65,7 +72,8 @@ def measure_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, generator: 
     return 1.0 / torch.cat(latents).std().item()
 
 
-def train(args, vae_config: dict = VAE_CONFIG) -> AutoencoderKL:
+def train(args, vae_config: dict | None = None) -> AutoencoderKL:
+    vae_config = vae_config or VAE_CONFIGS[getattr(args, "latent_size", 8)]
     device = pick_device(args.device)
     # Before any work: an earlier run in --out is refused unless --resume or --overwrite.
     prepare_run_folder(args, inputs={})
@@ -93,7 +101,7 @@ def train(args, vae_config: dict = VAE_CONFIG) -> AutoencoderKL:
 
         with autocast(device, args.bf16):
             # 2. encode to q(z | x) and draw z with the reparameterisation trick
-            posterior = vae.encode(x).latent_dist                         # mean, logvar: (B, 4, 8, 8)
+            posterior = vae.encode(x).latent_dist                         # mean, logvar: (B, 4, h, w), h = w = 64 / factor
             z = posterior.sample(generator)
             # 3. decode
             x_rec = vae.decode(z).sample                                  # (B, 3, 64, 64)
@@ -134,4 +142,6 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, steps=6000, batch_size=64, lr=2e-4)
     parser.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
+    parser.add_argument("--latent-size", type=int, choices=sorted(VAE_CONFIGS), default=8,
+                        help="latents of a 64x64 image: 8 (factor 8, as SD; the first edition) or 16 (factor 4)")
     run_command(parser, train, argv)

@@ -1,0 +1,171 @@
+"""The second edition of the tiny world's training: scenes data (--data scenes), the factor-4 VAE and the
+16x16-latent UNet it selects, and the evaluator of the second edition's targets (evaluate_scenes.py)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidiff.training import evaluate_scenes, scenes, train_sd, train_vae
+from minidiff.training.common import CommandError, load_images
+from test_training import TINY_TEXT, parse
+
+TINY_VAE_16 = {**train_vae.VAE_CONFIG_16, "block_out_channels": [8, 8, 8], "norm_num_groups": 4}
+
+
+def test_scenes_data_is_the_scenes_data_set_whatever_the_workers():
+    images, captions = scenes.render_scenes(6, seed=3, size=64, workers=1)
+    again, captions2 = scenes.render_scenes(6, seed=3, size=64, workers=2)
+    assert images.shape == (6, 3, 64, 64) and images.dtype == torch.uint8
+    assert torch.equal(images, again) and captions == captions2
+    ds = scenes.ScenesDataset(6, seed=3)
+    assert captions == [scenes.caption(ds.scene(i)) for i in range(6)]
+    image, _ = ds[4]                                                      # [-1, 1]
+    assert torch.allclose(images[4].float() / 127.5 - 1, image, atol=1e-6)
+    # the training commands read it with --data scenes
+    loaded, loaded_captions = load_images(parse(train_vae, "--out", "x", "--data", "scenes", "--num-images", "6",
+                                                "--seed", "3"), 64, torch.device("cpu"))
+    assert torch.equal(loaded, images) and loaded_captions == captions
+
+
+def test_latent_size_16_makes_16x16_latents():
+    from minidiff.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_config({**TINY_VAE_16})
+    z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert z.shape == (1, 4, 16, 16)
+    assert train_vae.VAE_CONFIGS[16]["down_block_types"] == ["DownEncoderBlock2D"] * 3
+
+
+@pytest.fixture(scope="module")
+def scenes_pipeline(tmp_path_factory):
+    """A factor-4 VAE and the sd command's own 16x16 UNet config, 2 steps each on scenes: a loadable folder."""
+    vae_dir = tmp_path_factory.mktemp("vae16")
+    train_vae.train(parse(train_vae, "--out", str(vae_dir), "--data", "scenes", "--steps", "2", "--batch-size", "2",
+                          "--num-images", "8"), TINY_VAE_16)
+    out = tmp_path_factory.mktemp("sd16")
+    train_sd.train(parse(train_sd, "--out", str(out), "--vae", str(vae_dir / "vae"), "--data", "scenes",
+                         "--steps", "2", "--batch-size", "2", "--num-images", "8"), None)
+    from minidiff.pipelines.base import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    return out, vae_dir, pipe
+
+
+def test_sd_command_picks_the_16x16_unet_and_the_scenes_vocabulary(scenes_pipeline):
+    out, _, pipe = scenes_pipeline
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["sample_size"] == 16 and config["block_out_channels"] == train_sd.UNET_CONFIG_16["block_out_channels"]
+    vocab = json.loads((out / "tokenizer" / "vocab.json").read_text())
+    for word in ("star", "heart", "striped", "gradient", "left", "above", "make", "into"):
+        assert f"{word}</w>" in vocab, word
+    caption = "a red circle left of a blue star on a striped background"
+    assert pipe.tokenizer.tokenize(caption) == [f"{w}</w>" for w in caption.split()]     # one token per word
+    # the text encoder in SD v1-4's key layout (text_model.*), which older transformers also read
+    from safetensors import safe_open
+
+    with safe_open(str(out / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+    image = pipe("a red circle above a blue square", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="pt").images
+    assert image.shape == (1, 3, 64, 64)
+
+
+def test_sd_command_refuses_a_vae_it_has_no_unet_for(tmp_path, scenes_pipeline):
+    _, vae_dir, _ = scenes_pipeline
+    config = json.loads((vae_dir / "vae" / "config.json").read_text())
+    odd = tmp_path / "vae2"
+    odd.mkdir()
+    config.update(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                  block_out_channels=[8, 8])
+    from minidiff.models.vae import AutoencoderKL
+
+    AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")}).save_pretrained(str(odd))
+    with pytest.raises(CommandError, match=r"32x32 latents.*--latent-size 8 or 16"):
+        train_sd.train(parse(train_sd, "--out", str(tmp_path / "sd"), "--vae", str(odd), "--steps", "1"), None, TINY_TEXT)
+    assert not (tmp_path / "sd" / "unet").exists()
+
+
+def test_word_position_is_the_words_token():
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(__import__("minidiff").checkpoints.TINY_SD), subfolder="tokenizer")
+    prompt = "a small red circle"
+    k = evaluate_scenes.word_position(tokenizer, prompt, "circle")
+    assert k == 4 and tokenizer(prompt).input_ids[k] == tokenizer.convert_tokens_to_ids("circle</w>")
+    with pytest.raises(ValueError, match="not one token"):
+        evaluate_scenes.word_position(tokenizer, prompt, "square")
+
+
+def test_peak_inside_reads_the_judged_object():
+    scene = scenes.random_scene(random.Random(0), pairs=[("red", "circle")], max_objects=1)
+    drawn = scenes.render(scene, 64)
+    mask = torch.from_numpy(drawn["masks"][0]).float()                   # (64, 64)
+    on_object = torch.nn.functional.avg_pool2d(mask[None, None], 4)[0, 0]  # (16, 16): peaks on the object
+    assert evaluate_scenes.peak_inside(on_object, drawn["image"]) == (True, pytest.approx(mask.mean().item(), abs=0.02))
+    assert evaluate_scenes.peak_inside(1 - on_object, drawn["image"])[0] is False
+    assert evaluate_scenes.peak_inside(on_object, np.full((64, 64, 3), 255, np.uint8)) == (False, 0.0)
+
+
+def test_two_object_prompts_are_seen_pairs_and_repeatable():
+    prompts = evaluate_scenes.two_object_prompts(30, seed=1)
+    assert prompts == evaluate_scenes.two_object_prompts(30, seed=1) != evaluate_scenes.two_object_prompts(30, seed=2)
+    for p in prompts:
+        (a, b), _ = __import__("minidiff").training.judge.parse_caption(p)
+        assert (a.color, a.shape) != (b.color, b.shape)
+        assert {(a.color, a.shape), (b.color, b.shape)}.isdisjoint(scenes.HELD_OUT_PAIRS)
+        assert a.shape in scenes.BASE_SHAPES and b.shape in scenes.BASE_SHAPES
+
+
+def _drawn(prompt: str, seed: int, wrong: bool):
+    """An image of what `prompt` asks for (or, wrong=True, every colour swapped), and a map on its first object."""
+    from minidiff.training.judge import parse_caption
+
+    wanted, _ = parse_caption(prompt)
+    colours = list(scenes.COLORS)
+    pairs = [(colours[(colours.index(w.color) + 3) % 6] if wrong else w.color, w.shape) for w in wanted]
+    scene = scenes.random_scene(random.Random(seed), pairs=pairs)
+    drawn = scenes.render(scene, 64)
+    largest = max(drawn["masks"], key=lambda m: m.sum())
+    return Image.fromarray(drawn["image"]), torch.nn.functional.avg_pool2d(torch.from_numpy(largest).float()[None, None], 4)[0, 0]
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_evaluate_counts_what_the_judge_sees(monkeypatch, wrong):
+    """With images drawn from the prompts themselves every share is 100%; with every colour swapped the colour,
+    two-object and held-out shares are 0 while shapes and attention peaks stay right."""
+    def generate(pipe, prompts, seed, steps, guidance, words=None):
+        drawn = [_drawn(p, seed + i, wrong) for i, p in enumerate(prompts)]
+        return [d[0] for d in drawn], (torch.stack([d[1] for d in drawn]) if words else None)
+
+    class Pipe:
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(evaluate_scenes, "generate", generate)
+    monkeypatch.setattr(evaluate_scenes, "seconds_per_image", lambda pipe, steps: 0.5)
+    result = evaluate_scenes.evaluate(Pipe(), seeds=1, num_two=6)
+    expected = 0.0 if wrong else 1.0
+    assert result["color"] == result["two_objects"] == result["held_out"] == expected
+    assert result["shape"] == result["attention_peak"] == 1.0
+    assert 0.05 < result["attention_chance"] < 0.3
+    assert result["images"] == len(evaluate_scenes.single_prompts()) + 6 + 2
+    table = evaluate_scenes.table(result)
+    assert f"| color | {100 * expected:.1f}% | >= 95% |" in table
+
+
+def test_generate_returns_the_words_attention_averaged_over_steps(scenes_pipeline):
+    _, _, pipe = scenes_pipeline
+    prompts = ["a red circle", "a large blue square at the top left"]
+    images, maps = evaluate_scenes.generate(pipe, prompts, 0, 2, 7.5, words=["circle", "square"])
+    assert len(images) == 2 and maps.shape == (2, 16, 16)
+    # a softmax over 77 tokens averaged: each cell's weight on one token is in (0, 1)
+    assert torch.isfinite(maps).all() and (maps > 0).all() and (maps < 1).all()
+    again, none = evaluate_scenes.generate(pipe, prompts, 0, 2, 7.5)
+    assert none is None
+    # capturing maps (an explicit softmax instead of the fused kernel) changes no image beyond rounding
+    assert np.abs(np.asarray(images[0], np.int16) - np.asarray(again[0], np.int16)).max() <= 2
