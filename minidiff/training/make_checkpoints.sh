@@ -4,6 +4,7 @@
 #     bash minidiff/training/make_checkpoints.sh runs            # smoke test, train, evaluate
 #     bash minidiff/training/make_checkpoints.sh runs train      # or one phase: smoke | train | evaluate
 #     INIT=runs bash minidiff/training/make_checkpoints.sh runs2 continue   # run 2: more steps from run 1
+#     bash minidiff/training/make_checkpoints.sh runs-v2 v2        # the second edition (scenes, 16x16 latents)
 #
 # tiny-ddpm trains alongside the two tiny-sd stages (VAE, then UNet + text encoder): models this small
 # leave most of a GPU idle. Each stage stops at --max-minutes and saves the EMA of its weights. A second
@@ -66,6 +67,28 @@ if [ "$PHASE" = continue ]; then
     wait
     stamp "training done"
     for log in ddpm-2 tiny-sd-frozen-2; do tail -c 300 "$RUNS/$log.log" | tr '\r' '\n' | tail -2; done
+fi
+
+if [ "$PHASE" = v2 ]; then
+    # The second edition (issue: the tiny world, second edition): scenes data, a factor-4 VAE (16x16 latents), the
+    # 16x16 UNet with a jointly trained text encoder, tiny-ddpm with v-prediction. Every stage can be continued
+    # with RESUME=--resume (same command, same --out), on a GPU or on a CPU (DEVICE=cpu, no --bf16 gain).
+    RESUME=${RESUME:-}
+    stamp "v2 vae"
+    train vae --data scenes --latent-size 16 --out "$RUNS/vae" --steps 100000 --batch-size 64 --lr 5e-4 \
+        --kl-weight 1e-5 --num-images "$N" --max-minutes "${VAE_MINUTES:-4}" --workers 8 $RESUME > "$RUNS/vae.log" 2>&1 \
+        || { stamp "vae failed"; exit 1; }
+    stamp "v2 tiny-sd and tiny-ddpm"
+    train sd --data scenes --vae "$RUNS/vae/vae" --out "$RUNS/tiny-sd" --steps 200000 --batch-size 256 --lr 3e-4 \
+        --num-images "$N" --max-minutes "${SD_MINUTES:-20}" --workers 8 $RESUME > "$RUNS/tiny-sd.log" 2>&1 &
+    train ddpm --prediction-type v_prediction --out "$RUNS/tiny-ddpm" --steps 200000 --batch-size 256 --lr 3e-4 \
+        --num-images "$N" --max-minutes "${DDPM_MINUTES:-20}" --workers 4 $RESUME > "$RUNS/ddpm.log" 2>&1 &
+    wait
+    stamp "v2 evaluate"
+    $PY -m minidiff.training evaluate scenes --model "$RUNS/tiny-sd" --device "$DEVICE" 2>&1 | grep -v "Loading weights"
+    $PY -m minidiff.training evaluate ddpm --model "$RUNS/tiny-ddpm" --device "$DEVICE" --images 64 --steps 50 \
+        --grid "$RUNS/tiny-ddpm-samples.png"
+    stamp "v2 done"
 fi
 
 if [ "$PHASE" = evaluate ] || [ "$PHASE" = all ]; then
