@@ -1,8 +1,12 @@
 """Tests of the course helpers: minidiff.viz (pictures) and minidiff.course (model / device choice). The
 committed notebooks are checked in tests/test_notebooks.py; nbval runs them."""
 
+import base64
+import importlib.util
 import io
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ from PIL import Image
 import matplotlib
 
 from minidiff import course, viz
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +74,11 @@ def test_image_grid_panels_titles_and_size():
     fig = viz.image_grid(torch.rand(5, 3, 8, 8) * 2 - 1, titles=list("abcde"), ncols=3)
     axes = image_axes(fig)
     assert len(axes) == 5 and [ax.get_title() for ax in axes] == list("abcde")
-    assert fig.dpi == viz.DPI and tuple(fig.get_size_inches()) == pytest.approx((3 * viz.PANEL, 2 * viz.PANEL))
+    assert fig.dpi == viz.DPI and fig.get_size_inches()[0] == pytest.approx(3 * viz.PANEL)
+    fig.canvas.draw()
+    for ax in axes:                                        # the titles' room was added, not taken from the images
+        width = ax.get_window_extent().width
+        assert 0.9 * viz.PANEL * viz.DPI < width <= viz.PANEL * viz.DPI
     with pytest.raises(ValueError, match="one title per image"):
         viz.image_grid(torch.rand(2, 3, 8, 8), titles=["only one"])
     with pytest.raises(ValueError, match="pick_steps"):
@@ -271,6 +281,216 @@ def test_make_gif_frames_and_size():
 def test_animation_html_is_self_contained():
     html = viz.animation_html(torch.rand(3, 3, 8, 8), [20, 10, 0])
     assert "<script" in html and html.count("data:image/png;base64") == 3
+
+
+# --- viz: legible everywhere ------------------------------------------------------------------------------
+
+def every_figure():
+    """One figure of each helper, with the inputs the notebooks give them: {name: Figure}."""
+    maps = torch.rand(2, 4, 4)
+    latents = torch.randn(6, 4, 6, 6)
+    return {
+        "image_grid": viz.image_grid(torch.rand(4, 3, 16, 16) * 2 - 1, titles=["a", "b", "c", "d"], title="grid"),
+        "image_grid maps": viz.image_grid(list(latents[0]), value_range=None, cmap="RdBu_r"),
+        "steps_grid": viz.steps_grid({"x_t": torch.rand(6, 3, 8, 8)}, range(6)),
+        "steps_grid maps": viz.steps_grid({"cat": list(maps.repeat(3, 1, 1))}, range(6), value_range=None,
+                                          cmap="inferno"),
+        "latent_channels_grid": viz.latent_channels_grid(latents, range(6), num_rows=3,
+                                                         rgb_factors=viz.SD_V1_LATENT_RGB),
+        "attention_overlay": viz.attention_overlay(torch.rand(3, 16, 16), maps, ["cat", "hat"]),
+        "heatmap": viz.heatmap(torch.randn(5, 7), title="emb", xlabel="feature", ylabel="t"),
+        "line_plot": viz.line_plot({"a": [3, 2, 1], "b": [1, 2, 3]}, title="loss", xlabel="step"),
+        "plot_training_schedules": viz.plot_training_schedules({"linear": _FakeScheduler(100)}),
+        "plot_timesteps": viz.plot_timesteps({"a": _FakeScheduler(100)}, 5),
+        "frame_strip": viz.frame_strip(torch.rand(9, 3, 8, 8), range(9)),
+    }
+
+
+def colorbars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def test_every_figure_is_legible():
+    """dpi, text of at least 9 points, constrained layout, no title cut off by the figure's edge, no rainbow map."""
+    assert viz.DPI >= 100 and viz.FONT >= 9 and viz.TITLE_FONT >= viz.FONT
+    for name, fig in every_figure().items():
+        assert fig.dpi == viz.DPI, name
+        assert fig.get_layout_engine().__class__.__name__ == "ConstrainedLayoutEngine", name
+        fig.canvas.draw()
+        texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+        assert texts, name
+        small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 9]
+        assert not small, f"{name}: text under 9 points {small}"
+        box = fig.bbox
+        for ax in fig.axes:
+            title = ax.title.get_window_extent()
+            assert not ax.get_title() or (title.x0 >= box.x0 - 1 and title.x1 <= box.x1 + 1 and title.y1 <= box.y1 + 1), name
+        for image in fig.findobj(matplotlib.image.AxesImage):
+            assert image.get_cmap().name.removesuffix("_r") not in viz.figures.RAINBOWS, name
+
+
+def test_long_titles_wrap_without_overlapping():
+    long = "a photo of an astronaut riding a horse on the moon, highly detailed"
+    fig = viz.image_grid(torch.rand(3, 3, 8, 8), titles=[long] * 3, title=long)
+    fig.canvas.draw()
+    boxes = [ax.title.get_window_extent() for ax in image_axes(fig)]
+    assert all("\n" in ax.get_title() for ax in image_axes(fig))
+    for left, right in zip(boxes, boxes[1:]):
+        assert left.x1 <= right.x0, "neighbouring titles overlap"
+    suptitle = fig._suptitle.get_window_extent()
+    assert all(suptitle.y0 >= b.y1 - 1 for b in boxes), "the figure title overlaps the panel titles"
+
+
+def test_rainbow_colour_maps_are_refused():
+    for call in (lambda: viz.image_grid(torch.rand(2, 8, 8), cmap="jet"),
+                 lambda: viz.steps_grid({"m": torch.rand(2, 1, 4, 4)}, [1, 0], cmap="jet_r"),
+                 lambda: viz.heatmap(torch.rand(3, 3), cmap="rainbow"),
+                 lambda: viz.attention_overlay(torch.rand(3, 8, 8), torch.rand(1, 4, 4), ["a"], cmap="jet")):
+        with pytest.raises(ValueError, match="viridis"):
+            call()
+
+
+def test_latent_and_attention_panels_have_colour_bars():
+    latents = torch.randn(8, 4, 6, 6)
+    fig = viz.latent_channels_grid(latents, range(8), num_rows=3)
+    bars = colorbars(fig)
+    assert len(bars) == 3                                                  # one per row, its symmetric scale
+    rows = viz.pick_steps(8, 3)
+    for bar, i in zip(bars, rows):
+        scale = latents[i].abs().max().item()
+        assert bar.get_ylim() == pytest.approx((-scale, scale)) and bar._colorbar.cmap.name == "RdBu_r"
+
+    fig = viz.attention_overlay(torch.rand(3, 16, 16), torch.rand(3, 4, 4), ["a", "b", "c"])
+    (bar,) = colorbars(fig)
+    overlays = [ax.images[-1] for ax in image_axes(fig)[1:]]
+    assert bar._colorbar.cmap.name == "magma" and all(im.get_cmap().name == "magma" for im in overlays)
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["min", "max"]
+
+    # one-channel maps in a grid: a colour bar each, in their own units; RdBu_r is centred on 0
+    m = torch.tensor([[-1.0, 0.5], [0.25, 0.0]])
+    fig = viz.image_grid([m, m + 3], value_range=None, cmap="RdBu_r")
+    assert len(colorbars(fig)) == 2
+    assert [ax.images[0].get_clim() for ax in image_axes(fig)] == [(-1.0, 1.0), (-3.5, 3.5)]
+    fig = viz.image_grid([m], value_range=None, cmap="viridis")
+    assert image_axes(fig)[0].images[0].get_clim() == (-1.0, 0.5) and len(colorbars(fig)) == 1
+    assert not colorbars(viz.image_grid(torch.rand(2, 3, 8, 8)))                       # RGB images: no bar
+    assert not colorbars(viz.image_grid([m], value_range=None, colorbars=False, cmap="viridis"))
+    # maps over the timesteps: one bar per row
+    fig = viz.steps_grid({"a": torch.rand(4, 1, 4, 4), "b": torch.rand(4, 1, 4, 4)}, range(4), value_range=None,
+                         cmap="inferno")
+    assert len(colorbars(fig)) == 2
+    fig = viz.steps_grid({"a": torch.rand(4, 1, 4, 4)}, range(4), value_range=(0, 2), cmap="viridis")
+    assert colorbars(fig)[0].get_ylim() == pytest.approx((0, 2))                     # one scale, in the row's units
+
+
+def test_step_axes_have_integer_ticks():
+    figs = [viz.plot_training_schedules({"linear": _FakeScheduler(30)}), viz.plot_timesteps({"a": _FakeScheduler(30)}, 7),
+            viz.line_plot({"loss": torch.rand(7)}, xlabel="step"), viz.line_plot({"l": [1.0, 2.0, 3.0]}, xs=[10, 20, 30])]
+    for fig in figs:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = ax.get_xticks()
+            assert len(ticks) >= 2 and np.allclose(ticks, np.round(ticks)), ticks
+    fig = viz.line_plot({"l": [1.0, 2.0]}, xs=[0.0, 0.4])                          # not steps: ticks as they come
+    fig.canvas.draw()
+    assert not np.allclose(fig.axes[0].get_xticks(), np.round(fig.axes[0].get_xticks()))
+
+
+def test_a_flat_line_is_drawn_flat_without_an_offset_label():
+    values = 28.0 + 1e-5 * torch.randn(77)                                    # e.g. norms of layer-normed vectors
+    fig = viz.line_plot({"norm": values})
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    low, high = ax.get_ylim()
+    assert low < 27 and high > 29                                              # the 1e-5 noise is not blown up
+
+
+def test_figures_describe_themselves_as_text():
+    """Jupyter stores a figure's repr as its text/plain beside the PNG: a description, not '<Figure size ...>'."""
+    from IPython.lib.pretty import pretty
+
+    for name, fig in every_figure().items():
+        text = pretty(fig)
+        assert text == repr(fig) and not text.startswith("<Figure size") and len(text) < 300, name
+    fig = viz.steps_grid({"x_t": torch.rand(10, 3, 4, 4)}, range(900, -1, -100), num_cols=3)
+    assert "x_t" in repr(fig) and "t = 900, 500, 0" in repr(fig)
+    assert "'cat', 'hat'" in repr(viz.attention_overlay(torch.rand(3, 8, 8), torch.rand(2, 4, 4), ["cat", "hat"]))
+    assert "a, b" in repr(viz.image_grid(torch.rand(2, 3, 4, 4), titles=["a", "b"]))
+
+
+def test_typical_figures_stay_small():
+    photos = torch.cat([viz.sample_photo(name, 64) for name in viz.SAMPLE_PHOTOS])      # (N, 3, 64, 64)
+    images = torch.cat([photos, photos.flip(-1)])[:8]
+    sizes = {"image_grid": viz.figure_png(viz.image_grid(images, titles=[f"seed {i}" for i in range(8)])),
+             "attention": viz.figure_png(viz.attention_overlay(photos[0], torch.rand(8, 8, 8), list("abcdefgh"))),
+             "latents": viz.figure_png(viz.latent_channels_grid(torch.randn(20, 4, 8, 8), range(20), num_rows=5,
+                                                                 rgb_factors=viz.SD_V1_LATENT_RGB))}
+    for name, png in sizes.items():
+        assert png.startswith(b"\x89PNG") and len(png) < 150_000, (name, len(png))
+
+
+# --- viz: static views of the slider and the GIF ----------------------------------------------------------
+
+def decoded(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_the_slider_output_carries_a_png_strip(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    from IPython.core.formatters import DisplayFormatter
+
+    monkeypatch.setattr(viz.animation, "widgets_available", lambda: True)
+    box = viz.timestep_slider(torch.rand(12, 3, 8, 8), range(11, -1, -1), static_cols=4)
+    data, _ = DisplayFormatter().format(box)                                 # what the kernel sends to Jupyter
+    assert set(data) == {"application/vnd.jupyter.widget-view+json", "image/png", "text/plain"}
+    strip = decoded(data["image/png"])
+    assert strip.format == "PNG" and strip.width > 3 * strip.height          # a strip of 4 frames in a row
+    assert data["text/plain"].startswith("Timestep slider over 12 frames, t = 11 to 0")
+    assert "t=11, t=7, t=4, t=0" in data["text/plain"]
+
+
+def test_the_gif_output_carries_a_png_strip_and_html():
+    frames = torch.rand(10, 3, 8, 8) * 2 - 1
+    gif = viz.show_gif(frames, side=16, timesteps=range(900, -1, -100), static_cols=3)
+    from IPython.core.formatters import DisplayFormatter
+
+    data, _ = DisplayFormatter().format(gif)
+    assert set(data) == {"text/html", "image/gif", "image/png", "text/plain"}
+    animation = decoded(data["image/gif"])
+    assert animation.format == "GIF" and animation.n_frames == 10 and animation.size == (16, 16)
+    assert data["image/gif"] == base64.b64encode(viz.make_gif(frames, side=16)).decode()
+    strip = decoded(data["image/png"])
+    assert strip.format == "PNG" and strip.width > 2 * strip.height
+    assert f'src="data:image/gif;base64,{data["image/gif"]}"' in data["text/html"] and 'alt="Animated GIF' in data["text/html"]
+    assert "t=900, t=500, t=0" in data["text/plain"]
+    with pytest.raises(ValueError, match="one timestep per frame"):
+        viz.show_gif(frames, timesteps=[1, 2])
+
+
+def test_execute_py_keeps_the_static_views(monkeypatch):
+    """notebooks/execute.py drops a widget's state from the committed notebook: the PNG beside it must stay."""
+    pytest.importorskip("ipywidgets")
+    nbformat = pytest.importorskip("nbformat")
+    sys.path.insert(0, str(REPO / "notebooks"))
+    try:
+        spec = importlib.util.spec_from_file_location("course_execute", REPO / "notebooks" / "execute.py")
+        execute = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(execute)
+    finally:
+        sys.path.remove(str(REPO / "notebooks"))
+    from IPython.core.formatters import DisplayFormatter
+
+    monkeypatch.setattr(viz.animation, "widgets_available", lambda: True)
+    slider = DisplayFormatter().format(viz.timestep_slider(torch.rand(3, 3, 4, 4), [2, 1, 0]))[0]
+    gif = DisplayFormatter().format(viz.show_gif(torch.rand(3, 3, 4, 4)))[0]
+    cell = nbformat.v4.new_code_cell("viz.timestep_slider(...)", outputs=[
+        nbformat.v4.new_output("execute_result", data=slider, execution_count=1),
+        nbformat.v4.new_output("display_data", data=gif)])
+    nb = execute.normalise(nbformat.v4.new_notebook(cells=[cell]), "99")
+    kept_slider, kept_gif = nb.cells[0].outputs
+    assert set(kept_slider.data) == {"image/png", "text/plain"} and kept_slider.data["image/png"] == slider["image/png"]
+    assert set(kept_gif.data) == {"text/html", "image/gif", "image/png", "text/plain"}
 
 
 # --- course: choosing models and device -------------------------------------------------------------------

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from matplotlib.ticker import MaxNLocator
 
 from ..core.photos import SAMPLE_PHOTOS, sample_photo
-from .figures import _figure, _one_image, _show, pick_steps
+from .figures import FONT, TITLE_FONT, _figure, _lines_height, _one_image, _show, _timestep_label, colorbar, pick_steps, wrap
 
 # The approximate linear map from Stable Diffusion v1 latents (already multiplied by the VAE's
 # scaling_factor 0.18215, i.e. what the UNet sees) to RGB in [-1, 1], fitted by the community
@@ -23,9 +24,10 @@ def latent_channels_grid(latents, timesteps, num_rows: int = 5, rgb_factors=None
                          panel: float = 1.0):
     """Latents over time: one row per chosen timestep, one column per latent channel (+ an RGB preview).
 
-    `latents`: (S, C, h, w) or a list of S tensors (C, h, w) / (1, C, h, w). Each channel is stretched
-    around zero with one colour scale per row (blue negative, red positive), so rows can be compared.
-    With `rgb_factors` (see `latents_to_rgb`) a last column shows the cheap RGB preview.
+    `latents`: (S, C, h, w) or a list of S tensors (C, h, w) / (1, C, h, w). Each channel is drawn with a
+    diverging colour map centred on zero (blue negative, white 0, red positive), one symmetric scale per row,
+    shown by the row's colour bar. With `rgb_factors` (see `latents_to_rgb`) a last column shows the cheap
+    RGB preview.
     """
     latents = torch.stack([torch.as_tensor(x).detach().float().cpu().reshape(x.shape[-3:]) for x in latents])
     S, C, h, w = latents.shape
@@ -34,23 +36,26 @@ def latent_channels_grid(latents, timesteps, num_rows: int = 5, rgb_factors=None
         raise ValueError(f"Got {S} latents but {len(timesteps)} timesteps; pass one latent per timestep.")
     rows = pick_steps(S, num_rows)
     ncols = C + (1 if rgb_factors is not None else 0)
-    fig, axes = _figure(len(rows), ncols, panel)
+    shown_t = [_timestep_label(timesteps[i]) for i in rows]
+    description = (f"Figure: the {C} latent channels{' and their RGB preview' if rgb_factors is not None else ''} "
+                   f"(columns) at t = {', '.join(shown_t)} (rows); blue negative, red positive, a colour bar per row")
+    fig, axes = _figure(len(rows), ncols, panel, extra_height=_lines_height([wrap("RGB preview", panel)]),
+                        extra_width=0.6 * panel, description=description)
     for r, i in enumerate(rows):
         scale = float(latents[i].abs().max().clamp_min(1e-8))
         for c in range(C):
-            axes[r, c].imshow(latents[i, c].numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale,
-                              interpolation="nearest")
+            shown = axes[r, c].imshow(latents[i, c].numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale,
+                                      interpolation="nearest")
             if r == 0:
-                axes[r, c].set_title(f"channel {c}", fontsize=8)
+                axes[r, c].set_title(f"channel {c}", fontsize=TITLE_FONT)
+        colorbar(fig, shown, axes[r, :C], shrink=0.8).ax.yaxis.set_major_locator(MaxNLocator(3, symmetric=True))
         if rgb_factors is not None:
             preview = latents_to_rgb(latents[i : i + 1], rgb_factors, rgb_bias)[0]  # (3, h, w) in [0, 1]
             _show(axes[r, C], _one_image(preview, (0, 1)))
             if r == 0:
-                axes[r, C].set_title("RGB preview", fontsize=8)
-        t = timesteps[i]
-        axes[r, 0].text(-0.08, 0.5, f"t={int(t) if float(t).is_integer() else round(t, 1)}",
-                        transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8, rotation=90)
-    fig.tight_layout(pad=0.3)
+                axes[r, C].set_title(wrap("RGB preview", panel), fontsize=TITLE_FONT)
+        axes[r, 0].text(-0.08, 0.5, f"t={shown_t[r]}", transform=axes[r, 0].transAxes, ha="right", va="center",
+                        fontsize=FONT, rotation=90)
     return fig
 
 
