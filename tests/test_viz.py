@@ -339,6 +339,12 @@ def test_long_titles_wrap_without_overlapping():
         assert left.x1 <= right.x0, "neighbouring titles overlap"
     suptitle = fig._suptitle.get_window_extent()
     assert all(suptitle.y0 >= b.y1 - 1 for b in boxes), "the figure title overlaps the panel titles"
+    fig = viz.image_grid(torch.rand(3, 3, 8, 8), titles=["prompt alone", "+ blue", "supercalifragilisticexpialidocious"])
+    titles = [ax.get_title() for ax in image_axes(fig)]
+    assert titles[:2] == ["prompt alone", "+ blue"] and "\n" in titles[2]         # only what does not fit is wrapped
+    fig.canvas.draw()
+    for ax in image_axes(fig):
+        assert ax.title.get_window_extent().width <= ax.get_window_extent().width * 1.01
 
 
 def test_rainbow_colour_maps_are_refused():

@@ -20,7 +20,6 @@ import io
 import math
 import os
 import sys
-import textwrap
 
 import matplotlib
 
@@ -33,6 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.font_manager import FontProperties  # noqa: E402
+from matplotlib.textpath import TextToPath  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -46,6 +47,7 @@ MAX_PANELS = 64   # a grid larger than this is a mistake (and a multi-MB noteboo
 DIVERGING = {"RdBu", "RdBu_r", "coolwarm", "bwr", "seismic", "PiYG", "PRGn", "BrBG", "PuOr", "RdGy", "RdYlBu"}
 # Not perceptually uniform: bright bands that are not in the data, and unreadable in gray or by colour-blind readers.
 RAINBOWS = {"jet", "rainbow", "gist_rainbow", "nipy_spectral", "gist_ncar"}
+_TEXT_TO_PATH = TextToPath()     # measures text, for wrapping titles to their panel
 
 
 class DescribedFigure(matplotlib.figure.Figure):
@@ -98,10 +100,34 @@ def colorbar(fig, mappable, ax, label: str = "", ticks=None, ticklabels=None, sh
     return bar
 
 
+def _text_width(text: str, fontsize: float) -> float:
+    """Width of one line of `text` in points, in matplotlib's default font."""
+    return _TEXT_TO_PATH.get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)[0]
+
+
 def wrap(text: str, inches: float, fontsize: float = TITLE_FONT, max_lines: int = 3) -> str:
-    """`text` wrapped to fit `inches` at `fontsize` points (about 0.62 em per character), at most `max_lines`."""
-    width = max(6, int(inches * 72 / (0.62 * fontsize)))
-    return "\n".join(textwrap.wrap(str(text), width, max_lines=max_lines, placeholder="…")) if text else ""
+    """`text` broken at spaces into lines that fit `inches` at `fontsize` points (measured), at most
+    `max_lines`; a word wider than that is cut, and text beyond the last line becomes '…'."""
+    room = 0.95 * inches * 72                                               # points, a little space between panels
+    lines, line = [], ""
+    for word in str(text or "").split():
+        if _text_width(f"{line} {word}".strip(), fontsize) <= room:
+            line = f"{line} {word}".strip()
+            continue
+        if line:
+            lines.append(line)
+        while _text_width(word, fontsize) > room and len(word) > 1:          # wider than the panel: cut it
+            k = max(k for k in range(1, len(word)) if _text_width(word[:k], fontsize) <= room or k == 1)
+            lines.append(word[:k])
+            word = word[k:]
+        line = word
+    lines += [line] if line else []
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and _text_width(last + "…", fontsize) > room:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last.rstrip() + "…"]
+    return "\n".join(lines)
 
 
 def _lines_height(texts, fontsize: float = TITLE_FONT) -> float:
