@@ -8,6 +8,8 @@ COMMANDS = {
     "ddpm": "train tiny-ddpm's pixel UNet",
     "controlnet": "train a ControlNet for the frozen tiny-sd on the shapes' masks",
     "adapter": "train a T2I-Adapter for the frozen tiny-sd on the shapes' masks",
+    "instruct-pix2pix": "fine-tune tiny-sd's UNet with 8 input channels on the scenes' edit pairs (InstructPix2Pix)",
+    "depth2img": "fine-tune tiny-sd's UNet with a 5th input channel, the scenes' depth map (Depth2Image)",
     "textual-inversion": "teach tiny-sd (or an SD v1 folder) a new word: only its embedding row(s) learn",
     "dreambooth": "fine-tune the UNet (or LoRA adapters) on a new word, with or without prior preservation",
     "custom-diffusion": "fine-tune cross-attention to_k / to_v plus one new word per concept",
@@ -15,6 +17,7 @@ COMMANDS = {
     "tokenizer": "write the tiny CLIP tokenizer files (--out FOLDER)",
     "evaluate": "classifier accuracy, or the colour / shape scores of a trained model",
     "evaluate-control": "mask IoU of a ControlNet / T2I-Adapter for tiny-sd, by conditioning scale (--model)",
+    "evaluate-edit": "InstructPix2Pix: edits applied / the rest kept; Depth2Image: IoU with the depth (--model)",
 }
 
 
@@ -35,8 +38,14 @@ def main(argv=None) -> None:
         from .train_control import main as run
     elif command == "adapter":
         from .train_control import main_adapter as run
+    elif command == "instruct-pix2pix":
+        from .train_edit import main as run
+    elif command == "depth2img":
+        from .train_edit import main_depth as run
     elif command == "evaluate-control":
         from .evaluate_control import main as run
+    elif command == "evaluate-edit":
+        from .evaluate_edit import main as run
     elif command == "textual-inversion":
         from .finetune.textual_inversion import main as run
     elif command == "dreambooth":
