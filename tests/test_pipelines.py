@@ -7,6 +7,8 @@ file runs in seconds.
 """
 
 import diffusers
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -179,6 +181,28 @@ def test_ddpm_pipeline_with_each_scheduler(folders, name):
     assert images.shape == (2, 32, 32, 3)
     assert_not_flat(images)
     assert max_pixel_diff(images, expected) <= PIXEL
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+def test_ddpm_pipeline_starts_an_euler_sampler_at_the_sigma_of_its_steps(folders, name):
+    """x_T ~ N(0, sigma_max^2 I), sigma_max of the steps this call runs (not of the config's default timesteps):
+    the first call on a fresh scheduler and a second call give the same start and the same image."""
+    cls = getattr(minidiff, name)
+    pipe = quiet(minidiff.DDPMPipeline.from_pretrained(folders["ddpm"]))
+    # "leading" spacing (tiny-ddpm's): 8 steps start at t = 875, whose sigma is far below t = 999's
+    config = {**json.loads((folders["ddpm"] / "scheduler_config.json").read_text()),
+              "timestep_spacing": "leading"}
+    pipe.scheduler = cls.from_config(config)
+    fresh_sigma = float(pipe.scheduler.init_noise_sigma)
+    reference = cls.from_config(config)
+    reference.set_timesteps(8)                                  # (a fresh scheduler each time: nothing carried over)
+    sigma = float(reference.init_noise_sigma)
+    assert abs(sigma - fresh_sigma) > 1.0                       # the two differ: the test can tell them apart
+    first = pipe(generator=gens(3), num_inference_steps=8, output_type="np", return_intermediates=True)
+    second = pipe(generator=gens(3), num_inference_steps=8, output_type="np", return_intermediates=True)
+    noise = torch.randn((1, 3, 32, 32), generator=gens(3)[0])
+    assert torch.allclose(first.intermediates.initial_latents, noise * sigma, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(first.images, second.images)
 
 
 # --- image-to-image -----------------------------------------------------------------------------------

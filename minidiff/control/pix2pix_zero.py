@@ -155,7 +155,8 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
         # 1. Text embeddings c: (2B, 77, D) = [unconditional; prompt] with guidance, else (B, 77, D).
         text = prompt_embeddings(self.tokenizer, self.text_encoder, prompts, negative_prompt, num_images_per_prompt,
                                  guidance, device)
-        # One z_T for both passes: (B, 4, h, w).
+        # One z_T for both passes: (B, 4, h, w), drawn after set_timesteps (an Euler-type init_noise_sigma needs it).
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         z_T = self.prepare_latents(latent_shape, text.dtype, generator, latents)
         layers = attention_layers(self.unet, "cross")
         cond = slice(B, 2 * B) if guidance else slice(0, B)          # the rows that carry the prompt

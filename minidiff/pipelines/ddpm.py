@@ -51,13 +51,14 @@ class DDPMPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
 
-        # 1. x_T ~ N(0, I): (B, C, H, W). (init_noise_sigma is 1 except for Euler-type schedulers.)
+        # 1. x_T ~ N(0, I): (B, C, H, W). Euler-type schedulers start at x_T ~ N(0, sigma_max^2 I): their
+        #    init_noise_sigma depends on the timesteps, so they are set first.
+        self.scheduler.set_timesteps(num_inference_steps)
         shape = (batch_size, self.unet.config.in_channels, height, width)
         image = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         image = image * self.scheduler.init_noise_sigma
 
         # 2. The denoising loop, x_T -> x_0.
-        self.scheduler.set_timesteps(num_inference_steps)
         intermediates = Intermediates(initial_latents=image.clone()) if return_intermediates else None
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             eps = self.unet(self.scheduler.scale_model_input(image, t), t).sample   # ε_θ(x_t, t): (B, C, H, W)

@@ -106,18 +106,19 @@ def load_component(folder: str, name: str, library_and_class, torch_dtype, varia
         return SCHEDULER_CLASSES[class_name].from_pretrained(folder, subfolder=subfolder)
 
     if class_name in TRANSFORMERS_CLASSES:
-        from transformers import CLIPTextModel, CLIPTokenizer, DPTForDepthEstimation, DPTImageProcessor
+        import transformers
 
         class_name = RENAMED_TRANSFORMERS_CLASSES.get(class_name, class_name)
+        # Only the class this folder names: importing DPTImageProcessor makes transformers warn about torchvision,
+        # which a pipeline without a depth model has no reason to print.
+        component_cls = getattr(transformers, class_name)
         path = os.path.join(folder, name)
         # transformers' errors on a broken file (e.g. "incomplete metadata" for a truncated safetensors) do not
         # say which file or component they are about; this one does.
         try:
-            if class_name == "CLIPTokenizer":
-                return CLIPTokenizer.from_pretrained(path)
-            if class_name == "DPTImageProcessor":
-                return DPTImageProcessor.from_pretrained(path)
-            model_cls = DPTForDepthEstimation if class_name == "DPTForDepthEstimation" else CLIPTextModel
+            if class_name in ("CLIPTokenizer", "DPTImageProcessor"):
+                return component_cls.from_pretrained(path)
+            model_cls = component_cls                                      # CLIPTextModel or DPTForDepthEstimation
             dtype = transformers_dtype_kwargs(torch_dtype or torch.float32)  # dtype= or torch_dtype=, by version
             return model_cls.from_pretrained(path, **dtype, variant=variant, use_safetensors=use_safetensors).eval()
         except Exception as e:
