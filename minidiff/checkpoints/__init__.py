@@ -19,3 +19,7 @@ TINY_DDPM = os.path.join(CHECKPOINTS_DIR, "tiny-ddpm")
 # StableDiffusionControlNetPipeline / StableDiffusionAdapterPipeline put the object inside it.
 TINY_CONTROLNET_MASK = os.path.join(CHECKPOINTS_DIR, "tiny-controlnet-mask")
 TINY_T2I_ADAPTER_MASK = os.path.join(CHECKPOINTS_DIR, "tiny-t2i-adapter-mask")
+# tiny-sd fine-tuned with extra input channels (scenes.py, one object on a plain background, 64x64):
+# StableDiffusionInstructPix2PixPipeline ("make the circle blue") and StableDiffusionDepth2ImgPipeline (depth_map=).
+TINY_INSTRUCT_PIX2PIX = os.path.join(CHECKPOINTS_DIR, "tiny-instruct-pix2pix")
+TINY_DEPTH2IMG = os.path.join(CHECKPOINTS_DIR, "tiny-depth2img")

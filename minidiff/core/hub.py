@@ -21,6 +21,7 @@ import os
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")  # minidiff/checkpoints
 BUNDLED_NAMES = ("tiny-ddpm", "tiny-sd")
 BUNDLED_NAMES += ("tiny-controlnet-mask", "tiny-t2i-adapter-mask")  # for tiny-sd: the object drawn in a mask
+BUNDLED_NAMES += ("tiny-instruct-pix2pix", "tiny-depth2img")         # tiny-sd fine-tuned with 8 / 5 input channels
 
 OFFLINE_HELP = (
     "To work offline, pass a local folder in the hub layout, use a bundled checkpoint "
