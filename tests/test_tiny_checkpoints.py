@@ -141,14 +141,18 @@ def test_minidiff_components_hold_every_bundled_tensor(folder, part, cls):
     assert not unequal, unequal[:5]
 
 
-def test_text_encoder_file_has_sd_v1_key_layout():
+TEXT_ENCODER_FOLDERS = ["tiny-sd", "tiny-instruct-pix2pix", "tiny-depth2img"]   # bundled folders with a text encoder
+
+
+@pytest.mark.parametrize("name", TEXT_ENCODER_FOLDERS)
+def test_text_encoder_file_has_sd_v1_key_layout(name):
     """Keys as in CompVis/stable-diffusion-v1-4's text_encoder/model.safetensors (`text_model.embeddings.*`,
     `text_model.encoder.layers.N.*`, `text_model.final_layer_norm.*`): every transformers version loads those.
     The file's first version, written by training under transformers 5.17, lacked the prefix: transformers 5
     reads both layouts, 4.x only the prefixed one (5.25's save_pretrained writes the prefix again)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = os.path.join(TINY_SD, "text_encoder")
+    folder = os.path.join(minidiff.checkpoints.CHECKPOINTS_DIR, name, "text_encoder")
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
     assert metadata == {"format": "pt"}
@@ -159,13 +163,14 @@ def test_text_encoder_file_has_sd_v1_key_layout():
     assert {k.split(".")[1] for k in keys} == {"embeddings", "encoder", "final_layer_norm"}
 
 
-def test_text_encoder_loads_every_bundled_tensor():
+@pytest.mark.parametrize("name", TEXT_ENCODER_FOLDERS)
+def test_text_encoder_loads_every_bundled_tensor(name):
     """transformers' own report of the load is empty: no missing key (it would be random), no unexpected one
     (it would be unused), no shape mismatch. No key is exempted: `position_ids` (a buffer, arange(77), that
     old checkpoints such as SD v1-4's carry) is neither expected nor listed from the floor (4.35.2) to 5.x."""
     from transformers import CLIPTextModel
 
-    folder = os.path.join(TINY_SD, "text_encoder")
+    folder = os.path.join(minidiff.checkpoints.CHECKPOINTS_DIR, name, "text_encoder")
     model, info = CLIPTextModel.from_pretrained(folder, output_loading_info=True)
     assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
     # And the tensors are the file's, bit for bit (transformers 5 names them without the `text_model.` prefix).

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..control.depth2img import StableDiffusionDepth2ImgPipeline
+from ..core.compat import save_clip_text_encoder
 from ..core.hub import bundled_path
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers.ddpm import DDPMScheduler
@@ -193,7 +194,7 @@ def write_pipeline(out: str, kind: str, unet, sd_path: str, tokenizer_dir: str |
     for name in ("vae",) + (("text_encoder", "tokenizer") if tokenizer_dir is None else ()):
         shutil.copytree(os.path.join(sd_path, name), os.path.join(out, name), dirs_exist_ok=True)
     if tokenizer_dir is not None:
-        text_encoder.save_pretrained(os.path.join(out, "text_encoder"))
+        save_clip_text_encoder(text_encoder, os.path.join(out, "text_encoder"))     # SD's text_model.* key layout
         if os.path.abspath(tokenizer_dir) != os.path.abspath(os.path.join(out, "tokenizer")):
             shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"), dirs_exist_ok=True)
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
