@@ -218,6 +218,23 @@ def test_ddpm_loop_learns_and_writes_a_pipeline_folder(tmp_path):
     assert images.shape == (1, 32, 32, 3)
 
 
+def test_evaluate_ddpm_measures_each_sampler_on_the_models_schedule(tmp_path, capsys, monkeypatch):
+    """`evaluate ddpm --sampler all`: one line per sampler of notebook 03, each built from the model's own
+    scheduler config (here v-prediction, which every sampler must then use)."""
+    train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path), "--steps", "1", "--batch-size", "2",
+                           "--prediction-type", "v_prediction"), TINY_DDPM)
+    used = []
+    real = evaluate.evaluate_ddpm
+    monkeypatch.setattr(evaluate, "evaluate_ddpm", lambda pipe, *a: used.append(pipe.scheduler) or real(pipe, *a))
+    evaluate.main(["ddpm", "--model", str(tmp_path), "--sampler", "all", "--images", "2", "--steps", "4",
+                   "--grid", str(tmp_path / "grid.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "'clean'" in line]
+    assert [line.split(":")[0] for line in lines] == list(evaluate.SAMPLERS)
+    assert [type(s) for s in used] == list(evaluate.SAMPLERS.values())
+    assert all(s.config.prediction_type == "v_prediction" for s in used)
+    assert all((tmp_path / f"grid-{name}.png").is_file() for name in evaluate.SAMPLERS)
+
+
 def test_ddpm_v_prediction_trains_on_v_and_the_scheduler_knows(tmp_path):
     """--prediction-type v_prediction: the loss falls, the saved scheduler samples with v, and the first loss
     is the v-target's (at the start, |v|^2 averages below |eps|^2 = 1 for images with mean 0.6)."""
@@ -284,6 +301,44 @@ def test_resume_continues_exactly(tmp_path):
     assert a[0] == b[0] and a[-1] == b[-1] and len(b) == len(a) + 1
     with pytest.raises(CommandError, match="expected a training state at .*, found no folder"):
         train_ddpm.train(parse(train_ddpm, "--out", str(tmp_path / "c"), "--resume", *common), TINY_DDPM)
+
+
+def test_step_keeper_logs_saves_and_stops_on_time(tmp_path, monkeypatch):
+    """The end of every training loop's step: a log line every `log_every` steps and at the last, the state
+    every --save-every steps (then `on_save`), and a stop once --max-minutes of the whole run have passed."""
+    from minidiff.training import common
+
+    clock = [1000.0]
+    monkeypatch.setattr(common.time, "time", lambda: clock[0])
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(net.parameters())
+    generator = torch.Generator().manual_seed(0)
+    args = argparse.Namespace(out=str(tmp_path), resume=False, steps=10, save_every=4, max_minutes=1.0)
+    saves = []
+    keeper = common.StepKeeper(args, "test", {"net": net}, optimizer, generator, 0, 0.0, log_every=3,
+                               on_save=lambda: saves.append(keeper.done))
+    stopped = [step for step in keeper.bar if keeper.end_of_step(step, loss=float(step))]
+    assert stopped == [] and keeper.done == 10
+    assert saves == [4, 8, 10]                                                  # every 4th step and the last
+    assert [row[0] for row in losses_table(tmp_path)] == [0, 3, 6, 9]           # every 3rd step (9 is the last)
+
+    # resumed with 50 s already trained: the 1-minute limit falls 10 s into this run
+    args = argparse.Namespace(out=str(tmp_path), resume=True, steps=100, save_every=1000, max_minutes=1.0)
+    step, seconds = common.load_state(str(tmp_path), {"net": net}, optimizer, generator)
+    assert step == 10
+    keeper = common.StepKeeper(args, "test", {"net": net}, optimizer, generator, step, 50.0, log_every=1000)
+    for step in keeper.bar:
+        clock[0] += 4.0                                                         # each step takes 4 s
+        if keeper.end_of_step(step, loss=0.5):
+            break
+    assert keeper.done == 13 and keeper.seconds() == 62.0                       # 50 + 3 x 4 > 60 s
+    assert common.load_state(str(tmp_path), {"net": net}, optimizer, generator)[0] == 13   # saved at the stop
+    assert losses_table(tmp_path)[-1] == [12, 0.5, 62.0]                        # and logged
+
+
+def losses_table(folder):
+    with open(os.path.join(folder, "loss_log.csv")) as f:
+        return [[float(x) if "." in x else int(x) for x in line.strip().split(",")] for line in f.readlines()[1:]]
 
 
 def test_init_starts_from_saved_weights(tmp_path):

@@ -1,7 +1,9 @@
 """What the three training scripts share: command-line options, device and precision, the run folder, the
 data on the device, the EMA of the weights, the loss log, and saving / resuming a training state.
 
-The training loops themselves are written out in `train_vae.py`, `train_ddpm.py` and `train_sd.py`.
+The training loops themselves are written out in `train_vae.py`, `train_ddpm.py`, `train_sd.py`,
+`train_control.py` and `train_edit.py`; what every loop does after computing its loss (the optimizer step, then
+logging, saving and the time limit) is `optimizer_step` and `StepKeeper` here.
 
 Nothing a user made is lost: a run folder (--out) that holds files is refused unless --resume (continue the
 run there) or --overwrite (remove the earlier run's files, named below, and keep every other file). A saved
@@ -23,6 +25,7 @@ import time
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..core.utils import parse_device
 from .scenes import render_scenes
@@ -199,6 +202,66 @@ class LossLog:
     def write(self, step: int, seconds: float, **values: float) -> None:
         with open(self.path, "a") as f:
             f.write(",".join([str(step), *(f"{values[c]:.6f}" for c in self.columns), f"{seconds:.1f}"]) + "\n")
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0) -> None:
+    """One gradient step: clear the old gradients, backpropagate `loss`, clip the gradients' global norm to
+    `max_norm` (a rare huge batch cannot throw the weights away), and update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+
+
+class StepKeeper:
+    """The steps of a training loop, and the bookkeeping at the end of each, the same in every training command:
+
+    - every `log_every` steps (and at the last): the values on the progress bar and a line in loss_log.csv;
+    - every --save-every steps (and at the last): the training state (`save_state`), then `on_save()`, if given
+      (e.g. a usable checkpoint at every save);
+    - once --max-minutes have passed: save, and tell the loop to stop.
+
+    `first_step` and `seconds` come from `load_state` (0 and 0.0 for a new run), so the log and the time limit
+    count the whole run across --resume. Use:
+
+        keeper = StepKeeper(args, "ddpm", modules, optimizer, generator, step, seconds)
+        for step in keeper.bar:                      # first_step, ..., args.steps - 1, with a progress bar
+            ...
+            if keeper.end_of_step(step, loss=loss.item()):
+                break
+        print(f"{keeper.done} steps in {keeper.seconds():.0f} s")
+    """
+
+    def __init__(self, args, name: str, modules: dict[str, nn.Module], optimizer, generator: torch.Generator,
+                 first_step: int, seconds: float, columns: tuple[str, ...] = ("loss",), log_every: int = 50,
+                 on_save=None):
+        self.args, self.log_every, self.on_save = args, log_every, on_save
+        self.modules, self.optimizer, self.generator = modules, optimizer, generator
+        self.log = LossLog(args.out, args.resume, columns)
+        self.bar = tqdm(range(first_step, args.steps), initial=first_step, total=args.steps, desc=name)
+        self.start = time.time() - seconds
+        self.done = first_step                                     # steps finished so far
+
+    def seconds(self) -> float:
+        """Seconds trained, earlier runs included."""
+        return time.time() - self.start
+
+    def end_of_step(self, step: int, **values: float) -> bool:
+        """Log, save, check the time; returns True when the loop should stop (--max-minutes reached)."""
+        args = self.args
+        self.done = step + 1
+        last = self.done == args.steps
+        out_of_time = args.max_minutes is not None and self.seconds() > 60 * args.max_minutes
+        if step % self.log_every == 0 or last or out_of_time:
+            self.bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
+            self.log.write(step, self.seconds(), **values)
+        if self.done % args.save_every == 0 or last or out_of_time:
+            save_state(args.out, self.done, self.modules, self.optimizer, self.generator, self.seconds())
+            if self.on_save is not None:
+                self.on_save()
+        if out_of_time:
+            print(f"stopping after {self.done} steps: --max-minutes {args.max_minutes} reached")
+        return out_of_time
 
 
 def save_state(folder: str, step: int, modules: dict[str, nn.Module], optimizer, generator: torch.Generator,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import schedulers
 from .shapes import COLORS, HELD_OUT, SHAPES, ShapesDataset
 
 PALETTE_HUES = {name: 360 * colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] for name, rgb in COLORS.items()}
@@ -203,6 +204,13 @@ def evaluate_ddpm(pipe, num_images: int = 64, steps: int = 1000, seed: int = 0, 
             "clean_by_shape": shapes, "clean_by_color": colors}, samples
 
 
+# The samplers of notebook 03, by short name: `--sampler` picks one, 'all' runs each.
+SAMPLERS = {"DDPM": schedulers.DDPMScheduler, "DDIM": schedulers.DDIMScheduler, "PNDM": schedulers.PNDMScheduler,
+            "Euler": schedulers.EulerDiscreteScheduler, "EulerAncestral": schedulers.EulerAncestralDiscreteScheduler,
+            "DPMSolverMultistep": schedulers.DPMSolverMultistepScheduler,
+            "UniPCMultistep": schedulers.UniPCMultistepScheduler}
+
+
 def save_grid(images, path: str, columns: int) -> None:
     """Paste equally sized PIL images into one grid image."""
     from PIL import Image
@@ -225,6 +233,9 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=None, help="sd: images per prompt (4); ddpm: samples (64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", default=None, help="save the samples as one PNG grid here")
+    parser.add_argument("--sampler", default="DDPM", choices=[*SAMPLERS, "all"],
+                        help="ddpm: the scheduler to sample with, built from_config of the model's own (default: "
+                        "DDPM); 'all' measures each of them in turn")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -247,8 +258,12 @@ def main(argv=None) -> None:
             if args.grid:  # one row per colour, one column per shape
                 save_grid(images, args.grid.replace(".png", f"-guidance{guidance}.png"), columns=len(SHAPES))
     else:
-        result, images = evaluate_ddpm(pipe, args.images or 64, args.steps or 1000, args.seed)
-        print(result)
-        if args.grid:
-            save_grid(images, args.grid, columns=8)
+        own = pipe.scheduler
+        for name in SAMPLERS if args.sampler == "all" else [args.sampler]:
+            pipe.scheduler = SAMPLERS[name].from_config(own.config)   # the same training schedule, another rule
+            result, images = evaluate_ddpm(pipe, args.images or 64, args.steps or 1000, args.seed)
+            print(f"{name}: {result}")
+            if args.grid:
+                save_grid(images, args.grid if args.sampler != "all" else args.grid.replace(".png", f"-{name}.png"),
+                          columns=8)
     print(f"({time.time() - start:.0f} s)")

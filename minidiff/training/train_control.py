@@ -38,11 +38,9 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..core.hub import bundled_path
@@ -51,8 +49,8 @@ from ..models.t2i_adapter import T2IAdapter
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..schedulers.ddpm import DDPMScheduler
-from .common import (CommandError, LossLog, add_common_args, ema_update, load_images, load_state, pick_device,
-                     prepare_run_folder, run_command, save_state)
+from .common import (CommandError, StepKeeper, add_common_args, ema_update, load_images, load_state, optimizer_step,
+                     pick_device, prepare_run_folder, run_command)
 from .tokenizer import MODEL_MAX_LENGTH
 from .train_sd import SCHEDULER_CONFIG, encode_latents
 
@@ -149,12 +147,11 @@ def train(args, kind: str, command: list[str]):
     step, seconds = 0, 0.0
     if args.resume:
         step, seconds = load_state(args.out, modules, optimizer, generator)
-    log = LossLog(args.out, args.resume)
-
-    start = time.time() - seconds
-    B, done = args.batch_size, step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=kind)
-    for step in bar:
+    # on_save: a usable checkpoint at every save, not only at the end
+    keeper = StepKeeper(args, kind, modules, optimizer, generator, step, seconds, log_every=25,
+                        on_save=lambda: ema.save_pretrained(args.out))
+    B = args.batch_size
+    for step in keeper.bar:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         # 3. z_0 ~ q(z | x), its mask c, its caption (half of them "")
@@ -173,27 +170,15 @@ def train(args, kind: str, command: list[str]):
             context = text_encoder(ids)[0]                                     # (B, 77, 64)
         loss = F.mse_loss(predict_noise(kind, net, unet, z_t, t, context, condition), eps)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, net.parameters())
         ema_update(ema, net, args.ema_decay)
 
-        done = step + 1
-        out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
-        if step % 25 == 0 or done == args.steps or out_of_time:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step, time.time() - start, loss=loss.item())
-        if done % args.save_every == 0 or done == args.steps or out_of_time:
-            save_state(args.out, done, modules, optimizer, generator, time.time() - start)
-            ema.save_pretrained(args.out)                                      # a usable checkpoint at every save
-        if out_of_time:
-            print(f"stopping after {done} steps: --max-minutes {args.max_minutes} reached")
+        if keeper.end_of_step(step, loss=loss.item()):
             break
 
     # 6. the hub layout: config.json + diffusion_pytorch_model.safetensors (the EMA weights)
     ema.eval().save_pretrained(args.out)
-    print(f"{kind}: {done} steps in {time.time() - start:.0f} s, saved to {args.out}")
+    print(f"{kind}: {keeper.done} steps in {keeper.seconds():.0f} s, saved to {args.out}")
     return ema
 
 

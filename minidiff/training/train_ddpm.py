@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..schedulers.ddpm import DDPMScheduler
 from ..models.unet_2d import UNet2DModel
-from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
-                     prepare_run_folder, run_command, save_state, warmup_lr, write_json)
+from .common import (StepKeeper, add_common_args, autocast, ema_update, load_images, load_state, optimizer_step,
+                     pick_device, prepare_run_folder, run_command, warmup_lr, write_json)
 from .shapes import to_model_range
 
 RESOLUTION = 32
@@ -86,12 +84,8 @@ def train(args, unet_config: dict = UNET_CONFIG) -> UNet2DModel:
     step, seconds = 0, 0.0
     if args.resume:
         step, seconds = load_state(args.out, {"unet": unet, "ema": ema}, optimizer, generator)
-    log = LossLog(args.out, args.resume)
-
-    start = time.time() - seconds
-    done = step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm")
-    for step in bar:
+    keeper = StepKeeper(args, "ddpm", {"unet": unet, "ema": ema}, optimizer, generator, step, seconds)
+    for step in keeper.bar:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warmup_lr(step, args.warmup)
         # 1. x_0: a batch of training images in [-1, 1]
@@ -112,21 +106,10 @@ def train(args, unet_config: dict = UNET_CONFIG) -> UNet2DModel:
             prediction = unet(x_t, t).sample
         loss = F.mse_loss(prediction.float(), target)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, unet.parameters())
         ema_update(ema, unet, args.ema_decay)
 
-        done = step + 1
-        out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
-        if step % 50 == 0 or done == args.steps or out_of_time:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step, time.time() - start, loss=loss.item())
-        if done % args.save_every == 0 or done == args.steps or out_of_time:
-            save_state(args.out, done, {"unet": unet, "ema": ema}, optimizer, generator, time.time() - start)
-        if out_of_time:
-            print(f"stopping after {done} steps: --max-minutes {args.max_minutes} reached")
+        if keeper.end_of_step(step, loss=loss.item()):
             break
 
     # 5. the pipeline folder: the EMA weights, the scheduler, model_index.json
@@ -138,7 +121,7 @@ def train(args, unet_config: dict = UNET_CONFIG) -> UNet2DModel:
         "scheduler": ["diffusers", "DDPMScheduler"],
         "unet": ["diffusers", "UNet2DModel"],
     })
-    print(f"ddpm: {done} steps in {time.time() - start:.0f} s, saved to {args.out}")
+    print(f"ddpm: {keeper.done} steps in {keeper.seconds():.0f} s, saved to {args.out}")
     return ema
 
 

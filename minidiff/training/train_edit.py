@@ -46,7 +46,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..control.depth2img import StableDiffusionDepth2ImgPipeline
@@ -54,8 +53,8 @@ from ..core.compat import save_clip_text_encoder
 from ..core.hub import bundled_path
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers.ddpm import DDPMScheduler
-from .common import (CommandError, LossLog, add_common_args, ema_update, load_state, pick_device, prepare_run_folder,
-                     run_command, save_state, write_json)
+from .common import (CommandError, StepKeeper, add_common_args, ema_update, load_state, optimizer_step, pick_device,
+                     prepare_run_folder, run_command, write_json)
 from .scenes import caption, caption_words, edit_pair, random_scene, render
 from .shapes import BACKGROUNDS as PLAIN_BACKGROUNDS
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
@@ -261,12 +260,9 @@ def train(args, kind: str, command: list[str]):
     step, seconds = 0, 0.0
     if args.resume:
         step, seconds = load_state(args.out, modules, optimizer, generator)
-    log = LossLog(args.out, args.resume)
-
-    start = time.time() - seconds
-    B, done, N = args.batch_size, step, len(data["context"])
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=kind)
-    for step in bar:
+    keeper = StepKeeper(args, kind, modules, optimizer, generator, step, seconds, log_every=25)
+    B, N = args.batch_size, len(data["context"])
+    for step in keeper.bar:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         # 3. z_0 ~ q(z | target), its extra channels, its text; some conditions dropped
@@ -284,26 +280,15 @@ def train(args, kind: str, command: list[str]):
         model_input = torch.cat([z_t, extra], dim=1)                             # (B, 4 + extra, 8, 8)
         loss = F.mse_loss(unet(model_input, t, context).sample, eps)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, unet.parameters())
         ema_update(ema, unet, args.ema_decay)
 
-        done = step + 1
-        out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
-        if step % 25 == 0 or done == args.steps or out_of_time:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step, time.time() - start, loss=loss.item())
-        if done % args.save_every == 0 or done == args.steps or out_of_time:
-            save_state(args.out, done, modules, optimizer, generator, time.time() - start)
-        if out_of_time:
-            print(f"stopping after {done} steps: --max-minutes {args.max_minutes} reached")
+        if keeper.end_of_step(step, loss=loss.item()):
             break
 
     # 6. the pipeline folder, the UNet being the EMA of the weights
     write_pipeline(args.out, kind, ema.eval(), sd_path, tokenizer_dir, text_encoder)
-    print(f"{kind}: {done} steps in {time.time() - start:.0f} s, saved to {args.out}")
+    print(f"{kind}: {keeper.done} steps in {keeper.seconds():.0f} s, saved to {args.out}")
     return ema
 
 

@@ -30,19 +30,17 @@ import argparse
 import copy
 import os
 import shutil
-import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.compat import save_clip_text_encoder
 from ..schedulers.ddpm import DDPMScheduler
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from . import scenes, shapes
-from .common import (CommandError, LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
-                     prepare_run_folder, run_command, save_state, warmup_lr, write_json)
+from .common import (CommandError, StepKeeper, add_common_args, autocast, ema_update, load_images, load_state,
+                     optimizer_step, pick_device, prepare_run_folder, run_command, warmup_lr, write_json)
 from .shapes import to_model_range
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
 
@@ -186,13 +184,9 @@ def train(args, unet_config: dict | None = None, text_encoder_config: dict = TEX
     step, seconds = 0, 0.0
     if args.resume:
         step, seconds = load_state(args.out, modules, optimizer, generator)
-    log = LossLog(args.out, args.resume)
-
-    start = time.time() - seconds
+    keeper = StepKeeper(args, "sd", modules, optimizer, generator, step, seconds)
     B = args.batch_size
-    done = step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="sd")
-    for step in bar:
+    for step in keeper.bar:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warmup_lr(step, args.warmup)
         # 3. z_0 ~ q(z | x), scaled to unit variance
@@ -212,23 +206,12 @@ def train(args, unet_config: dict | None = None, text_encoder_config: dict = TEX
             eps_pred = unet(z_t, t, context).sample
         loss = F.mse_loss(eps_pred.float(), eps)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, params)
         ema_update(ema_unet, unet, args.ema_decay)
         if not args.freeze_text_encoder:
             ema_update(ema_text, text_encoder, args.ema_decay)
 
-        done = step + 1
-        out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
-        if step % 50 == 0 or done == args.steps or out_of_time:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step, time.time() - start, loss=loss.item())
-        if done % args.save_every == 0 or done == args.steps or out_of_time:
-            save_state(args.out, done, modules, optimizer, generator, time.time() - start)
-        if out_of_time:
-            print(f"stopping after {done} steps: --max-minutes {args.max_minutes} reached")
+        if keeper.end_of_step(step, loss=loss.item()):
             break
 
     # 7. the pipeline folder
@@ -239,7 +222,7 @@ def train(args, unet_config: dict | None = None, text_encoder_config: dict = TEX
     os.makedirs(os.path.join(args.out, "scheduler"), exist_ok=True)
     write_json(os.path.join(args.out, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
     write_json(os.path.join(args.out, "model_index.json"), MODEL_INDEX)
-    print(f"sd: {done} steps in {time.time() - start:.0f} s, saved to {args.out}")
+    print(f"sd: {keeper.done} steps in {keeper.seconds():.0f} s, saved to {args.out}")
     return ema_unet, ema_text
 
 

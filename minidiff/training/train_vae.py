@@ -22,15 +22,13 @@ import argparse
 import copy
 import dataclasses
 import os
-import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..models.vae import AutoencoderKL
-from .common import (LossLog, add_common_args, autocast, ema_update, load_images, load_state, pick_device,
-                     prepare_run_folder, run_command, save_state, warmup_lr)
+from .common import (StepKeeper, add_common_args, autocast, ema_update, load_images, load_state, optimizer_step,
+                     pick_device, prepare_run_folder, run_command, warmup_lr)
 from .shapes import to_model_range
 
 # SD v1's VAE config (block types, 4 latent channels, 3 downsamplings = factor 8) with narrow blocks.
@@ -87,12 +85,9 @@ def train(args, vae_config: dict | None = None) -> AutoencoderKL:
     step, seconds = 0, 0.0
     if args.resume:
         step, seconds = load_state(args.out, {"vae": vae, "ema": ema}, optimizer, generator)
-    log = LossLog(args.out, args.resume, columns=("loss", "rec", "kl"))
-
-    start = time.time() - seconds
-    done = step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="vae")
-    for step in bar:
+    keeper = StepKeeper(args, "vae", {"vae": vae, "ema": ema}, optimizer, generator, step, seconds,
+                        columns=("loss", "rec", "kl"))
+    for step in keeper.bar:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warmup_lr(step, args.warmup)
         # 1. a batch of images in [-1, 1]
@@ -110,21 +105,10 @@ def train(args, vae_config: dict | None = None) -> AutoencoderKL:
         kl = kl_divergence(posterior.mean.float(), posterior.logvar.float())
         loss = rec + args.kl_weight * kl
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, vae.parameters())
         ema_update(ema, vae, args.ema_decay)
 
-        done = step + 1
-        out_of_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
-        if step % 50 == 0 or done == args.steps or out_of_time:
-            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
-            log.write(step, time.time() - start, loss=loss.item(), rec=rec.item(), kl=kl.item())
-        if done % args.save_every == 0 or done == args.steps or out_of_time:
-            save_state(args.out, done, {"vae": vae, "ema": ema}, optimizer, generator, time.time() - start)
-        if out_of_time:
-            print(f"stopping after {done} steps: --max-minutes {args.max_minutes} reached")
+        if keeper.end_of_step(step, loss=loss.item(), rec=rec.item(), kl=kl.item()):
             break
 
     # 5. measure the latent scale on (up to) 10,000 images and save the EMA weights with it
@@ -132,7 +116,7 @@ def train(args, vae_config: dict | None = None) -> AutoencoderKL:
     scaling_factor = measure_scaling_factor(ema, images[:10_000], generator)
     ema.config = dataclasses.replace(ema.config, scaling_factor=round(scaling_factor, 5))
     ema.save_pretrained(os.path.join(args.out, "vae"))
-    print(f"vae: {done} steps in {time.time() - start:.0f} s, scaling_factor = {scaling_factor:.5f}, "
+    print(f"vae: {keeper.done} steps in {keeper.seconds():.0f} s, scaling_factor = {scaling_factor:.5f}, "
           f"saved to {os.path.join(args.out, 'vae')}")
     return ema
 
