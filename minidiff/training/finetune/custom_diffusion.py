@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ...loaders.custom_diffusion import save_attn_procs
 from ...loaders.textual_inversion import save_textual_inversion
-from ..common import LossLog, load_state, run_command, save_state, write_json
+from ..common import LossLog, load_state, optimizer_step, run_command, save_state, write_json
 from .common import (Timer, add_concept_token, add_finetune_args, concept_rate, diffusion_loss, encode_images,
                      file_bytes, instance_images, load_base, noise_schedule_of, parse_concept, start_run, token_ids)
 
@@ -69,10 +69,7 @@ def train(args):
     for step in tqdm(range(step, args.steps), initial=step, total=args.steps, desc="custom-diffusion"):
         idx = torch.randint(len(latent_mean), (args.batch_size,), generator=generator)
         loss = diffusion_loss(pipe, noise_schedule, latent_mean[idx], latent_std[idx], ids[idx], generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(kv.values()), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, list(kv.values()))
         with torch.no_grad():                      # only the new words' rows learn in the table
             table[frozen_rows] = original[frozen_rows]
         if step % 10 == 0 or step + 1 == args.steps:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ...loaders.lora import LoRAAdapter, LoRALayer, lora_state_dict, save_lora_weights
 from ...loaders.textual_inversion import save_textual_inversion
-from ..common import CommandError, LossLog, load_state, run_command, save_state, write_json
+from ..common import CommandError, LossLog, load_state, optimizer_step, run_command, save_state, write_json
 from .common import (Timer, add_concept_token, add_finetune_args, concept_rate, count_trained, diffusion_loss,
                      encode_images, file_bytes, generate, instance_images, load_base, noise_schedule_of, parse_concept,
                      start_run, token_ids)
@@ -103,10 +103,7 @@ def train(args):
             prior_loss = diffusion_loss(pipe, noise_schedule, class_mean[idx], class_std[idx],
                                         class_ids.expand(B, -1), generator)
         total = loss + args.prior_weight * prior_loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, total, params)
         if step % 10 == 0 or step + 1 == args.steps:
             log.write(step, timer(), loss=loss.item(), prior_loss=prior_loss.item())
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
