@@ -226,11 +226,12 @@ def save_grid(images, path: str, columns: int) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minidiff.training evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["classifier", "sd", "ddpm", "scenes"])
+    parser.add_argument("what", choices=["classifier", "sd", "ddpm", "scenes", "vae"])
     parser.add_argument("--model", default=None, help="a pipeline folder or bundled name (tiny-sd, tiny-ddpm)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (sd: 25, ddpm: 1000)")
-    parser.add_argument("--images", type=int, default=None, help="sd: images per prompt (4); ddpm: samples (64)")
+    parser.add_argument("--images", type=int, default=None, help="sd: images per prompt (4); ddpm: samples (64); "
+                        "scenes: seeds per prompt (4); vae: held-out scenes (200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", default=None, help="save the samples as one PNG grid here")
     parser.add_argument("--sampler", default="DDPM", choices=[*SAMPLERS, "all"],
@@ -239,10 +240,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     start = time.time()
-    if args.what == "scenes":
-        from .evaluate_scenes import main as evaluate_scenes
+    if args.what in ("scenes", "vae"):
+        from .evaluate_scenes import main as evaluate_scenes, main_vae as evaluate_vae
 
-        return evaluate_scenes(args)
+        return evaluate_scenes(args) if args.what == "scenes" else evaluate_vae(args)
     if args.what == "classifier":
         for resolution in (64, 32):
             print(validate_classifier(resolution=resolution))

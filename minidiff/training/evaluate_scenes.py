@@ -1,6 +1,7 @@
 """The targets of the tiny world's second edition, measured: does tiny-sd draw what a scenes caption asks?
 
     python -m minidiff.training evaluate scenes --model runs/v2/tiny-sd        # the table of the model card
+    python -m minidiff.training evaluate vae --model runs/v2/vae/vae           # what the VAE's round trip keeps
 
 Every number comes from the rule-based judge (`judge.py`, 100% right on the data's own images), over
 several seeds per prompt, with the pipeline's defaults as a user calls it (PNDM, 25 steps, guidance 7.5):
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from ..control.attention_maps import attention_layers, capture, token_maps
 from .judge import judge, score
-from .scenes import BASE_SHAPES, COLORS, HELD_OUT_PAIRS
+from .scenes import BASE_SHAPES, COLORS, HELD_OUT_PAIRS, ScenesDataset, render
 
 TARGETS = {"color": 0.95, "shape": 0.90, "two_objects": 0.60, "held_out": 0.75, "attention_peak": 0.80,
            "attention_chance": None, "seconds_per_image": 2.0, "megabytes": 60.0}
@@ -149,6 +150,31 @@ def evaluate(pipe, seeds: int = 4, steps: int = 25, guidance: float = 7.5, num_t
             "images": n_single + seeds * (len(two) + len(held)), "seconds_per_image": seconds_per_image(pipe, steps)}
 
 
+@torch.no_grad()
+def evaluate_vae(vae, num_scenes: int = 200, seed: int = 12345, batch_size: int = 50) -> dict:
+    """What an image keeps through the VAE: decode(mean of encode(x)) for `num_scenes` scenes the training never
+    drew (another seed), each judged against its scene description (every attribute, said in the caption or
+    not: `judge.score(..., said_only=False)`). The UNet can only draw what the decoder can, so these shares
+    bound tiny-sd's. Also the mean squared error in [-1, 1]."""
+    vae.eval()
+    ds = ScenesDataset(num_scenes, seed, size=64)
+    scenes = [ds.scene(i) for i in range(num_scenes)]
+    right: dict[str, int] = {}
+    squared_error = 0.0
+    for start in range(0, num_scenes, batch_size):
+        batch = scenes[start:start + batch_size]
+        images = np.stack([render(scene, 64)["image"] for scene in batch])                  # (B, 64, 64, 3) uint8
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0             # (B, 3, 64, 64)
+        x_rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)              # the round trip
+        squared_error += float(((x_rec - x) ** 2).mean(dim=(1, 2, 3)).sum())
+        reconstructions = ((x_rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for scene, image in zip(batch, reconstructions):
+            for key, ok in score(image, scene, said_only=False).items():
+                right[key] = right.get(key, 0) + ok
+    return {"scenes": num_scenes, "mse": squared_error / num_scenes,
+            **{key: right[key] / num_scenes for key in ("color", "shape", "size", "position", "count", "all")}}
+
+
 def table(result: dict, folder: str | None = None) -> str:
     """The result as a markdown table beside the targets."""
     if folder is not None:
@@ -165,6 +191,21 @@ def table(result: dict, folder: str | None = None) -> str:
             goal = f"<= {target:g}" if lower_is_better else f">= {100 * target:.0f}%"
         rows.append(f"| {key} | {value} | {goal} |")
     return "\n".join(rows)
+
+
+def main_vae(args) -> None:
+    """`python -m minidiff.training evaluate vae --model FOLDER [--images SCENES]`: FOLDER holds an AutoencoderKL
+    (config.json + weights), e.g. runs/v2/vae/vae or a pipeline's vae/ folder."""
+    from ..models.vae import AutoencoderKL
+
+    if args.model is None:
+        raise SystemExit("evaluate vae: give --model, a folder with an AutoencoderKL (e.g. runs/v2/vae/vae).")
+    start = time.time()
+    result = evaluate_vae(AutoencoderKL.from_pretrained(args.model), num_scenes=args.images or 200)
+    print("| measure | reconstructions right |", "|---|---|", sep="\n")
+    for key in ("color", "shape", "size", "position", "count", "all"):
+        print(f"| {key} | {100 * result[key]:.1f}% |")
+    print(f"MSE {result['mse']:.5f} over {result['scenes']} held-out scenes ({time.time() - start:.0f} s)")
 
 
 def main(args) -> None:
