@@ -156,6 +156,7 @@ def parse(module, *argv):
     add_common_args(parser, steps=1, batch_size=1, lr=1e-3)
     if module is train_vae:
         parser.add_argument("--kl-weight", type=float, default=1e-5)
+        parser.add_argument("--rec-loss", default="mse")
     if module is train_ddpm:
         parser.add_argument("--prediction-type", default="epsilon")
     if module is train_sd:
@@ -200,6 +201,23 @@ def test_vae_loop_learns_and_measures_its_scaling_factor(trained_vae):
     assert config["scaling_factor"] == pytest.approx(1 / z.std().item(), rel=0.05)
     assert config["scaling_factor"] != train_vae.VAE_CONFIG["scaling_factor"]
     assert set(torch.load(out / STATE_NAME, weights_only=True)) >= {"vae", "ema", "optimizer", "generator"}
+
+
+@pytest.mark.parametrize("rec_loss", ["mse", "l1"])
+def test_vae_rec_loss_picks_the_reconstruction_term(tmp_path, monkeypatch, rec_loss):
+    """--rec-loss l1 trains on LDM's absolute error, mse on the squared error; the log's rec column is that term."""
+    import torch.nn.functional as F
+
+    seen = {}
+    for name in ("l1_loss", "mse_loss"):
+        real = getattr(F, name)
+        monkeypatch.setattr(train_vae.F, name, lambda a, b, real=real, name=name: seen.setdefault(name, real(a, b)))
+    train_vae.train(parse(train_vae, "--out", str(tmp_path), "--steps", "1", "--batch-size", "2", "--rec-loss",
+                          rec_loss), TINY_VAE)
+    assert list(seen) == [{"l1": "l1_loss", "mse": "mse_loss"}[rec_loss]]
+    with open(tmp_path / "loss_log.csv") as f:
+        rec = float(f.readlines()[1].split(",")[2])
+    assert rec == pytest.approx(float(next(iter(seen.values()))), abs=1e-6)
 
 
 def test_ddpm_loop_learns_and_writes_a_pipeline_folder(tmp_path):

@@ -11,7 +11,12 @@ Rombach et al. 2022, https://arxiv.org/abs/2112.10752, sec. 3.1) learns
 
 by minimising   loss = ||x - decode(z)||^2  +  kl_weight * KL(q(z | x) || N(0, I)),   z ~ q(z | x).
 
-SD adds a perceptual (LPIPS) and an adversarial loss for sharp photos; flat shapes need neither.
+SD adds a perceptual (LPIPS) and an adversarial loss for sharp photos; we add neither. But the squared error
+blurs: a blur costs little of it (the error is small and spread over a few edge pixels), so corners get rounded.
+Measured on the second edition's VAE after 1,250 MSE steps (`evaluate vae`): 74 of 80 squares came back as
+circles. `--rec-loss l1` takes LDM's reconstruction term, |x - decode(z)| (Rombach et al. 2022, appendix G; its
+code's `LPIPSWithDiscriminator` starts from the absolute error): the mean of |.| is minimised by the median,
+which keeps an edge sharp where the squared error's mean smears it.
 After training, `scaling_factor` is measured as SD's 0.18215 was: 1 / std of the latents, so that the
 diffusion model sees latents of unit variance; it is written into vae/config.json.
 """
@@ -101,7 +106,7 @@ def train(args, vae_config: dict | None = None) -> AutoencoderKL:
             # 3. decode
             x_rec = vae.decode(z).sample                                  # (B, 3, 64, 64)
         # 4. reconstruction + KL (in float32)
-        rec = F.mse_loss(x_rec.float(), x)
+        rec = F.l1_loss(x_rec.float(), x) if args.rec_loss == "l1" else F.mse_loss(x_rec.float(), x)
         kl = kl_divergence(posterior.mean.float(), posterior.logvar.float())
         loss = rec + args.kl_weight * kl
 
@@ -126,6 +131,9 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, steps=6000, batch_size=64, lr=2e-4)
     parser.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
+    parser.add_argument("--rec-loss", choices=["mse", "l1"], default="mse",
+                        help="the reconstruction term: squared error (the first edition) or LDM's absolute error, "
+                        "which keeps corners sharper (see above); the log's 'rec' column is in its units")
     parser.add_argument("--latent-size", type=int, choices=sorted(VAE_CONFIGS), default=8,
                         help="latents of a 64x64 image: 8 (factor 8, as SD; the first edition) or 16 (factor 4)")
     run_command(parser, train, argv)
