@@ -217,7 +217,7 @@ def test_vae_rec_loss_picks_the_reconstruction_term(tmp_path, monkeypatch, rec_l
     assert list(seen) == [{"l1": "l1_loss", "mse": "mse_loss"}[rec_loss]]
     with open(tmp_path / "loss_log.csv") as f:
         rec = float(f.readlines()[1].split(",")[2])
-    assert rec == pytest.approx(float(next(iter(seen.values()))), abs=1e-6)
+    assert rec == pytest.approx(next(iter(seen.values())).item(), abs=1e-6)
 
 
 def test_ddpm_loop_learns_and_writes_a_pipeline_folder(tmp_path):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .. import schedulers
+from .judge import judge
 from .shapes import COLORS, HELD_OUT, SHAPES, ShapesDataset
 
 PALETTE_HUES = {name: 360 * colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] for name, rgb in COLORS.items()}
@@ -190,7 +191,8 @@ def summarise(results) -> dict:
 
 
 def evaluate_ddpm(pipe, num_images: int = 64, steps: int = 1000, seed: int = 0, batch_size: int = 64):
-    """Share of unconditional samples that the classifier accepts as one clean shape; and the samples."""
+    """Share of unconditional samples that the classifier accepts as one clean shape, and the share in which the
+    course's judge (`judge.py`) finds exactly one object on any background; and the samples."""
     analyses, samples = [], []
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
@@ -200,8 +202,9 @@ def evaluate_ddpm(pipe, num_images: int = 64, steps: int = 1000, seed: int = 0, 
         samples += images
     shapes = {s: sum(a.shape == s and a.clean for a in analyses) for s in SHAPES}
     colors = {c: sum(a.color == c and a.clean for a in analyses) for c in COLORS}
+    one = sum(judge(image).count == 1 for image in samples)          # one object, whatever its background
     return {"images": num_images, "steps": steps, "clean": sum(a.clean for a in analyses) / num_images,
-            "clean_by_shape": shapes, "clean_by_color": colors}, samples
+            "one_object": one / num_images, "clean_by_shape": shapes, "clean_by_color": colors}, samples
 
 
 # The samplers of notebook 03, by short name: `--sampler` picks one, 'all' runs each.

@@ -81,6 +81,8 @@ if [ "$PHASE" = v2 ]; then
     stamp "v2 tiny-sd and tiny-ddpm"
     train sd --data scenes --vae "$RUNS/vae/vae" --out "$RUNS/tiny-sd" --steps 200000 --batch-size 256 --lr 3e-4 \
         --num-images "$N" --max-minutes "${SD_MINUTES:-20}" --workers 8 $RESUME > "$RUNS/tiny-sd.log" 2>&1 &
+    # tiny-ddpm's second edition continued the first on v (--init; run 3 of its card, on a CPU: 1,842 x 128 steps,
+    # 50 minutes); from scratch on a GPU it would be this (not run yet: no GPU was lent):
     train ddpm --prediction-type v_prediction --out "$RUNS/tiny-ddpm" --steps 200000 --batch-size 256 --lr 3e-4 \
         --num-images "$N" --max-minutes "${DDPM_MINUTES:-20}" --workers 4 $RESUME > "$RUNS/ddpm.log" 2>&1 &
     wait
