@@ -253,6 +253,25 @@ def test_evaluate_ddpm_measures_each_sampler_on_the_models_schedule(tmp_path, ca
     assert all((tmp_path / f"grid-{name}.png").is_file() for name in evaluate.SAMPLERS)
 
 
+def test_evaluate_ddpm_counts_clean_shapes_and_single_objects():
+    """Of a data set image (one clean shape), a blank canvas (nothing) and the same shape on a tinted background
+    (one object, not clean), `evaluate_ddpm` counts 1/3 clean and 2/3 with one object."""
+    from PIL import Image
+
+    image, _ = ShapesDataset(1, seed=1, resolution=32)[0]
+    shape = image.permute(1, 2, 0).numpy()                                      # (32, 32, 3) uint8, white background
+    tinted = shape.copy()
+    tinted[(shape == 255).all(-1)] = (120, 200, 120)
+    images = [Image.fromarray(shape), Image.fromarray(np.full_like(shape, 255)), Image.fromarray(tinted)]
+
+    class Pipe:
+        def __call__(self, batch_size, num_inference_steps, generator):
+            return type("Out", (), {"images": images[:batch_size]})()
+
+    result, _ = evaluate.evaluate_ddpm(Pipe(), num_images=3, steps=1)
+    assert result["clean"] == pytest.approx(1 / 3) and result["one_object"] == pytest.approx(2 / 3), result
+
+
 def test_ddpm_v_prediction_trains_on_v_and_the_scheduler_knows(tmp_path):
     """--prediction-type v_prediction: the loss falls, the saved scheduler samples with v, and the first loss
     is the v-target's (at the start, |v|^2 averages below |eps|^2 = 1 for images with mean 0.6)."""
