@@ -11,3 +11,13 @@ python -m minidiff.training vae --data scenes --latent-size 16 --num-images 2000
 python -m minidiff.training sd --data scenes --vae runs/v2/vae/vae --num-images 20000 --out runs/v2/tiny-sd \
     --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --ema-decay 0.995 --steps 200000 --save-every 200 \
     --max-minutes 35 --workers 2
+# tiny-ddpm v2 (session 2026-12-06, CPU, 2 threads, niced): v-prediction, starting from the first edition (eps) weights,
+# i.e. minidiff/checkpoints/tiny-ddpm as of commit 044140f (the folder now holds this run's output)
+OMP_NUM_THREADS=2 nice -n 5 python -m minidiff.training ddpm --prediction-type v_prediction --init minidiff/checkpoints/tiny-ddpm \
+    --out runs/v2/tiny-ddpm --device cpu --batch-size 128 --lr 2e-4 --warmup 100 --ema-decay 0.995 --steps 200000 \
+    --num-images 100000 --save-every 200 --max-minutes 50 --workers 1
+# VAE, continued (session 2026-12-06): 74 of 80 squares came back as circles (evaluate vae), so the reconstruction
+# term switches to LDM's L1; lower learning rate; --max-minutes counts the whole run (62 min before this)
+OMP_NUM_THREADS=2 nice -n 10 python -m minidiff.training vae --data scenes --latent-size 16 --num-images 20000 --out runs/v2/vae \
+    --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --kl-weight 1e-5 --steps 6000 --save-every 50 --workers 1 \
+    --ema-decay 0.99 --rec-loss l1 --max-minutes 150 --resume
