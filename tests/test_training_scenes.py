@@ -189,10 +189,12 @@ def test_evaluate_vae_judges_each_round_trip_against_its_scene():
     perfect = evaluate_scenes.evaluate_vae(_RoundTrip(lambda x: x), num_scenes=20, batch_size=8)
     assert perfect["mse"] < 1e-4                                          # only the uint8 rounding
     assert all(perfect[key] == 1.0 for key in ("color", "shape", "size", "position", "count", "all")), perfect
+    assert all(kept == seen > 0 for kept, seen in perfect["shape_kept"].values()), perfect["shape_kept"]
     flipped = evaluate_scenes.evaluate_vae(_RoundTrip(lambda x: x.flip(-1)), num_scenes=20, batch_size=8)
     assert flipped["color"] == 1.0 and flipped["position"] < 1.0          # a mirror keeps colours, moves objects
     blank = evaluate_scenes.evaluate_vae(_RoundTrip(torch.ones_like), num_scenes=20, batch_size=8)
     assert blank["color"] == blank["shape"] == blank["count"] == 0.0 and blank["mse"] > 0.1
+    assert all(kept == 0 for kept, _ in blank["shape_kept"].values())
 
 
 def test_evaluate_vae_command_needs_a_model(capsys):

@@ -19,6 +19,7 @@ several seeds per prompt, with the pipeline's defaults as a user calls it (PNDM,
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -155,11 +156,13 @@ def evaluate_vae(vae, num_scenes: int = 200, seed: int = 12345, batch_size: int 
     """What an image keeps through the VAE: decode(mean of encode(x)) for `num_scenes` scenes the training never
     drew (another seed), each judged against its scene description (every attribute, said in the caption or
     not: `judge.score(..., said_only=False)`). The UNet can only draw what the decoder can, so these shares
-    bound tiny-sd's. Also the mean squared error in [-1, 1]."""
+    bound tiny-sd's. Also the mean squared error in [-1, 1], and per drawn shape how many of its objects come back
+    as that shape (`shape_kept`: shape -> (kept, seen); the judged object nearest to each drawn one)."""
     vae.eval()
     ds = ScenesDataset(num_scenes, seed, size=64)
     scenes = [ds.scene(i) for i in range(num_scenes)]
     right: dict[str, int] = {}
+    by_shape: dict[str, list[int]] = {}                         # shape -> [kept, seen], object by object
     squared_error = 0.0
     for start in range(0, num_scenes, batch_size):
         batch = scenes[start:start + batch_size]
@@ -169,10 +172,18 @@ def evaluate_vae(vae, num_scenes: int = 200, seed: int = 12345, batch_size: int 
         squared_error += float(((x_rec - x) ** 2).mean(dim=(1, 2, 3)).sum())
         reconstructions = ((x_rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for scene, image in zip(batch, reconstructions):
-            for key, ok in score(image, scene, said_only=False).items():
+            judgement = judge(image)
+            for key, ok in score(judgement, scene, said_only=False).items():
                 right[key] = right.get(key, 0) + ok
+            for obj in scene.objects:                          # the judged object nearest to it (box centres)
+                centre = ((obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2)
+                near = min(judgement.objects, default=None, key=lambda o: math.dist(
+                    centre, ((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2)))
+                kept, seen = by_shape.get(obj.shape, [0, 0])
+                by_shape[obj.shape] = [kept + (near is not None and near.shape == obj.shape), seen + 1]
     return {"scenes": num_scenes, "mse": squared_error / num_scenes,
-            **{key: right[key] / num_scenes for key in ("color", "shape", "size", "position", "count", "all")}}
+            **{key: right[key] / num_scenes for key in ("color", "shape", "size", "position", "count", "all")},
+            "shape_kept": {shape: tuple(counts) for shape, counts in sorted(by_shape.items())}}
 
 
 def table(result: dict, folder: str | None = None) -> str:
@@ -205,6 +216,8 @@ def main_vae(args) -> None:
     print("| measure | reconstructions right |", "|---|---|", sep="\n")
     for key in ("color", "shape", "size", "position", "count", "all"):
         print(f"| {key} | {100 * result[key]:.1f}% |")
+    print("shape kept, object by object:", ", ".join(f"{shape} {kept}/{seen}"
+                                                      for shape, (kept, seen) in result["shape_kept"].items()))
     print(f"MSE {result['mse']:.5f} over {result['scenes']} held-out scenes ({time.time() - start:.0f} s)")
 
 
