@@ -21,3 +21,8 @@ OMP_NUM_THREADS=2 nice -n 5 python -m minidiff.training ddpm --prediction-type v
 OMP_NUM_THREADS=2 nice -n 10 python -m minidiff.training vae --data scenes --latent-size 16 --num-images 20000 --out runs/v2/vae \
     --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --kl-weight 1e-5 --steps 6000 --save-every 50 --workers 1 \
     --ema-decay 0.99 --rec-loss l1 --max-minutes 150 --resume
+# VAE, continued again at the session's end (lowest priority beside CI), same settings; --max-minutes counts the whole run
+OMP_NUM_THREADS=1 nice -n 19 python -m minidiff.training vae --data scenes --latent-size 16 --num-images 20000 --out runs/v2/vae \
+    --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --kl-weight 1e-5 --steps 20000 --save-every 50 --workers 1 \
+    --ema-decay 0.99 --rec-loss l1 --max-minutes 185 --resume
+# stopped by hand at 07:22 (the session's end) after step 4,700, its state saved; not yet a vae/ folder
