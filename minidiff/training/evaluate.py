@@ -244,9 +244,9 @@ def main(argv=None) -> None:
 
     start = time.time()
     if args.what in ("scenes", "vae"):
-        from .evaluate_scenes import main as evaluate_scenes, main_vae as evaluate_vae
+        from .evaluate_scenes import main as scenes_main, main_vae as vae_main
 
-        return evaluate_scenes(args) if args.what == "scenes" else evaluate_vae(args)
+        return scenes_main(args) if args.what == "scenes" else vae_main(args)
     if args.what == "classifier":
         for resolution in (64, 32):
             print(validate_classifier(resolution=resolution))

@@ -19,7 +19,6 @@ several seeds per prompt, with the pipeline's defaults as a user calls it (PNDM,
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..control.attention_maps import attention_layers, capture, token_maps
-from .judge import judge, score
+from .judge import judge, nearest_object, score
 from .scenes import BASE_SHAPES, COLORS, HELD_OUT_PAIRS, ScenesDataset, render
 
 TARGETS = {"color": 0.95, "shape": 0.90, "two_objects": 0.60, "held_out": 0.75, "attention_peak": 0.80,
@@ -157,7 +156,7 @@ def evaluate_vae(vae, num_scenes: int = 200, seed: int = 12345, batch_size: int 
     drew (another seed), each judged against its scene description (every attribute, said in the caption or
     not: `judge.score(..., said_only=False)`). The UNet can only draw what the decoder can, so these shares
     bound tiny-sd's. Also the mean squared error in [-1, 1], and per drawn shape how many of its objects come back
-    as that shape (`shape_kept`: shape -> (kept, seen); the judged object nearest to each drawn one)."""
+    as that shape (`shape_kept`: shape -> (kept, seen); each drawn object matched by `judge.nearest_object`)."""
     vae.eval()
     ds = ScenesDataset(num_scenes, seed, size=64)
     scenes = [ds.scene(i) for i in range(num_scenes)]
@@ -175,10 +174,8 @@ def evaluate_vae(vae, num_scenes: int = 200, seed: int = 12345, batch_size: int 
             judgement = judge(image)
             for key, ok in score(judgement, scene, said_only=False).items():
                 right[key] = right.get(key, 0) + ok
-            for obj in scene.objects:                          # the judged object nearest to it (box centres)
-                centre = ((obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2)
-                near = min(judgement.objects, default=None, key=lambda o: math.dist(
-                    centre, ((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2)))
+            for obj in scene.objects:
+                near = nearest_object(judgement.objects, obj.box)
                 kept, seen = by_shape.get(obj.shape, [0, 0])
                 by_shape[obj.shape] = [kept + (near is not None and near.shape == obj.shape), seen + 1]
     return {"scenes": num_scenes, "mse": squared_error / num_scenes,

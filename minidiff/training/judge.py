@@ -309,6 +309,12 @@ def score(image, target, said_only: bool = True) -> dict[str, bool]:
     return result
 
 
+def nearest_object(objects: list[JudgedObject], box) -> JudgedObject | None:
+    """The judged object whose box is closest to `box` (sum of the four edges' distances), None if there is none:
+    how a drawn object is matched to what the judge saw."""
+    return min(objects, default=None, key=lambda o: sum(abs(a - b) for a, b in zip(o.box, box)))
+
+
 def validate_judge(num_scenes: int = 300, seed: int = 12345, size: int = 64) -> dict:
     """Accuracy of the judge on scenes of every shape (held-out ones included): the share of scenes with each
     attribute right, and the IoU of judged vs rendered masks."""
@@ -322,7 +328,7 @@ def validate_judge(num_scenes: int = 300, seed: int = 12345, size: int = 64) -> 
         for key, ok in score(judgement, scene, said_only=False).items():
             right[key] = right.get(key, 0) + ok
         for obj, mask in zip(scene.objects, drawn["masks"]):
-            match = min(judgement.objects, key=lambda o: sum(abs(a - b) for a, b in zip(o.box, obj.box)))
+            match = nearest_object(judgement.objects, obj.box)
             ious.append(mask_iou(match.mask, mask))
     return {"scenes": num_scenes, "resolution": size, **{k: v / num_scenes for k, v in right.items()},
             "iou_min": float(np.min(ious)), "iou_mean": float(np.mean(ious))}
