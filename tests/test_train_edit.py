@@ -185,7 +185,7 @@ def test_bundled_instruct_pix2pix_applies_edits_where_doing_nothing_applies_none
     table = ee.edit_table(pipe, num=12, seeds=(0,))
     applied = np.mean([table["instruct-pix2pix"][f"{k} applied"] for k in ee.ATTRIBUTES])
     assert all(table["input"][f"{k} applied"] == 0 for k in ee.ATTRIBUTES)
-    assert applied >= 0.25, table                                                  # measured: 0.50 (6 of 12)
+    assert applied >= 0.25, table                                                  # measured: 0.42 (5 of 12)
 
 
 def test_bundled_depth2img_puts_the_object_where_the_depth_says():

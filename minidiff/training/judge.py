@@ -17,9 +17,11 @@ gradients) and objects are saturated, so, as in `evaluate.py`:
      (2 sqrt(2) / 5, as in evaluate.py), the others about 0; a triangle is told by its skew alone, whatever
      its fill (blur rounds its tips, which raises the fill towards a circle's);
    - fill = area / (width x height) of the box: square 1, circle pi/4, triangle and diamond 1/2; the box's
-     sides are where the object's mass puts its edges (`_soft_extent`), so a blurred edge (every decoder
-     blurs) moves neither the box nor the fill: after a Gaussian blur of 0.5 px every scene is judged
-     right, and of 0.75 px every scene of the four base shapes (a star's thin points blur into its hull);
+     sides are where the object's mass puts its edges (`_soft_extent`), so blurring a straight edge (every
+     decoder blurs) moves neither the box nor the fill; blur does shave tips, which shrinks the box a little
+     and raises the fill of triangles, diamonds and stars. After a Gaussian blur of 0.5 px every scene is
+     judged right, and of 0.75 px every scene without a star (a star's thin points blur into its hull,
+     which raises its solidity, and its box shrinks below the size split);
 4. size word from the longer side of the box (small <= 20, large >= 24 units of a 64x64 canvas), the
    position word from the third that holds the box centre, relations from the two boxes.
 """
@@ -149,14 +151,14 @@ def _soft_extent(profile: np.ndarray) -> tuple[float, float]:
 
     The object covers the profile's mass: a pixel m inside it (coverage >= 0.5) has, to its left, as many
     pixels' worth of object as the object reaches left of m, so the start is m - (mass left of m) and the end
-    m + (mass from m on). On a sharp edge this is the partly covered pixel's share (a first pixel i with
-    coverage c starts the object at i + 1 - c); on an edge blurred over several pixels (as every decoder
-    blurs) it is still the edge, where the first covered pixel above 0 would put it a pixel or two out."""
+    m + (mass from m on). On a sharp straight edge this is the partly covered pixel's share (a first pixel i
+    with coverage c starts the object at i + 1 - c); on a straight edge blurred over a pixel or two (as every
+    decoder blurs) it is still the edge, where the first pixel above 0 would put it a pixel or two out. At a
+    tip (a triangle's apex, a star's points) several pixels are partly covered, so the mass puts the edge a
+    little inside the tip: up to about a pixel at 64 px."""
+    # never empty: coverage is chroma over the object's 75th-percentile chroma, so its strongest pixels are 1
     inside = np.nonzero(profile >= 0.5)[0]
-    if len(inside) == 0:                     # a faint object: its mass, centred on its strongest pixel
-        m = int(np.argmax(profile))
-    else:
-        m = int((inside[0] + inside[-1] + 1) // 2)
+    m = int((inside[0] + inside[-1] + 1) // 2)
     return m - float(profile[:m].sum()), m + float(profile[m:].sum())
 
 
