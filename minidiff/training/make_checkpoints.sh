@@ -71,25 +71,37 @@ fi
 
 if [ "$PHASE" = v2 ]; then
     # The second edition (issue: the tiny world, second edition): scenes data, a factor-4 VAE (16x16 latents), the
-    # 16x16 UNet with a jointly trained text encoder, tiny-ddpm with v-prediction. Every stage can be continued
-    # with RESUME=--resume (same command, same --out), on a GPU or on a CPU (DEVICE=cpu, no --bf16 gain).
+    # 16x16 UNet with a jointly trained text encoder. Every stage can be continued with RESUME=--resume (same
+    # command, same --out), on a GPU or on a CPU (DEVICE=cpu, no --bf16 gain).
+    #   VAE=folder    skip the VAE stage and train tiny-sd on this AutoencoderKL (e.g. one trained on a CPU)
+    #   INIT_SD=dir   start tiny-sd from this pipeline folder's UNet and text encoder (--init)
+    #   DDPM=1        also train tiny-ddpm from scratch on v (the bundled one continued the first edition on v:
+    #                 run 3 of its card, on a CPU, 1,842 x 128 steps; this line has not been run yet)
     RESUME=${RESUME:-}
-    stamp "v2 vae"
-    train vae --data scenes --latent-size 16 --out "$RUNS/vae" --steps 100000 --batch-size 64 --lr 5e-4 \
-        --kl-weight 1e-5 --num-images "$N" --max-minutes "${VAE_MINUTES:-4}" --workers 8 $RESUME > "$RUNS/vae.log" 2>&1 \
-        || { stamp "vae failed"; exit 1; }
-    stamp "v2 tiny-sd and tiny-ddpm"
-    train sd --data scenes --vae "$RUNS/vae/vae" --out "$RUNS/tiny-sd" --steps 200000 --batch-size 256 --lr 3e-4 \
-        --num-images "$N" --max-minutes "${SD_MINUTES:-20}" --workers 8 $RESUME > "$RUNS/tiny-sd.log" 2>&1 &
-    # tiny-ddpm's second edition continued the first on v (--init; run 3 of its card, on a CPU: 1,842 x 128 steps,
-    # 50 minutes); from scratch on a GPU it would be this (not run yet: no GPU was lent):
-    train ddpm --prediction-type v_prediction --out "$RUNS/tiny-ddpm" --steps 200000 --batch-size 256 --lr 3e-4 \
-        --num-images "$N" --max-minutes "${DDPM_MINUTES:-20}" --workers 4 $RESUME > "$RUNS/ddpm.log" 2>&1 &
+    if [ -z "${VAE:-}" ]; then
+        stamp "v2 vae (L1 reconstruction: squared error rounds the squares' corners, see training_logs/second-edition)"
+        train vae --data scenes --latent-size 16 --out "$RUNS/vae" --steps 100000 --batch-size 64 --lr 5e-4 \
+            --kl-weight 1e-5 --rec-loss l1 --num-images "$N" --max-minutes "${VAE_MINUTES:-4}" --workers 8 $RESUME \
+            > "$RUNS/vae.log" 2>&1 || { stamp "vae failed"; exit 1; }
+        VAE="$RUNS/vae/vae"
+    fi
+    $PY -m minidiff.training evaluate vae --model "$VAE" 2>&1 | tee "$RUNS/vae-evaluation.txt"
+    stamp "v2 tiny-sd on $VAE"
+    train sd --data scenes --vae "$VAE" --out "$RUNS/tiny-sd" --steps 200000 --batch-size 256 --lr 3e-4 \
+        --num-images "$N" --max-minutes "${SD_MINUTES:-20}" --workers 8 ${INIT_SD:+--init "$INIT_SD"} $RESUME \
+        > "$RUNS/tiny-sd.log" 2>&1 &
+    if [ "${DDPM:-0}" = 1 ]; then
+        train ddpm --prediction-type v_prediction --out "$RUNS/tiny-ddpm" --steps 200000 --batch-size 256 --lr 3e-4 \
+            --num-images "$N" --max-minutes "${DDPM_MINUTES:-20}" --workers 4 $RESUME > "$RUNS/ddpm.log" 2>&1 &
+    fi
     wait
     stamp "v2 evaluate"
-    $PY -m minidiff.training evaluate scenes --model "$RUNS/tiny-sd" --device "$DEVICE" 2>&1 | grep -v "Loading weights"
-    $PY -m minidiff.training evaluate ddpm --model "$RUNS/tiny-ddpm" --device "$DEVICE" --images 64 --steps 50 \
-        --grid "$RUNS/tiny-ddpm-samples.png"
+    $PY -m minidiff.training evaluate scenes --model "$RUNS/tiny-sd" --device "$DEVICE" 2>&1 | grep -v "Loading weights" \
+        | tee "$RUNS/tiny-sd-evaluation.txt"
+    if [ "${DDPM:-0}" = 1 ]; then
+        $PY -m minidiff.training evaluate ddpm --model "$RUNS/tiny-ddpm" --device "$DEVICE" --images 64 --steps 50 \
+            --sampler all --grid "$RUNS/tiny-ddpm-samples.png"
+    fi
     stamp "v2 done"
 fi
 
