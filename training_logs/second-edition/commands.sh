@@ -26,3 +26,17 @@ OMP_NUM_THREADS=1 nice -n 19 python -m minidiff.training vae --data scenes --lat
     --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --kl-weight 1e-5 --steps 20000 --save-every 50 --workers 1 \
     --ema-decay 0.99 --rec-loss l1 --max-minutes 185 --resume
 # stopped by hand at 07:22 (the session's end) after step 4,700, its state saved; not yet a vae/ folder
+# VAE, run 3 (session 2026-12-06, third): continued from step 4,700 with the same settings, alone on the CPU
+# (2 threads); --max-minutes counts the whole run. Stopped at step 7,500 by hand to evaluate it, then resumed:
+OMP_NUM_THREADS=2 nice -n 5 python -m minidiff.training vae --data scenes --latent-size 16 --num-images 20000 --out runs/v2/vae \
+    --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --kl-weight 1e-5 --steps 20000 --save-every 50 --workers 1 \
+    --ema-decay 0.99 --rec-loss l1 --max-minutes 320 --resume
+OMP_NUM_THREADS=2 nice -n 5 python -m minidiff.training vae --data scenes --latent-size 16 --num-images 20000 --out runs/v2/vae \
+    --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --kl-weight 1e-5 --steps 30000 --save-every 50 --workers 1 \
+    --ema-decay 0.99 --rec-loss l1 --max-minutes 299 --resume
+# stopped at step 11,985 (--max-minutes 299), then the last ~1,000 steps at a lower learning rate:
+OMP_NUM_THREADS=2 nice -n 5 python -m minidiff.training vae --data scenes --latent-size 16 --num-images 20000 --out runs/v2/vae \
+    --device cpu --batch-size 32 --lr 2e-4 --warmup 100 --kl-weight 1e-5 --steps 30000 --save-every 50 --workers 1 \
+    --ema-decay 0.99 --rec-loss l1 --max-minutes 313 --resume
+# -> 12,981 steps in 18,829 s of training in all; vae/ saved with scaling_factor 0.37059
+python -m minidiff.training evaluate vae --model runs/v2/vae/vae
