@@ -40,3 +40,8 @@ OMP_NUM_THREADS=2 nice -n 5 python -m minidiff.training vae --data scenes --late
     --ema-decay 0.99 --rec-loss l1 --max-minutes 313 --resume
 # -> 12,981 steps in 18,829 s of training in all; vae/ saved with scaling_factor 0.37059
 python -m minidiff.training evaluate vae --model runs/v2/vae/vae
+# tiny-sd v2 on the frozen run-3 VAE, first leg (the session's last minutes), from run 1's tiny-sd (UNet + text
+# encoder, a fresh optimizer and EMA); continue with the same command plus --resume (and a larger --max-minutes)
+OMP_NUM_THREADS=2 python -m minidiff.training sd --data scenes --vae runs/v2/vae/vae --init runs/v2/tiny-sd --num-images 20000 \
+    --out runs/v2/tiny-sd-l1 --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --ema-decay 0.995 --steps 200000 \
+    --save-every 200 --max-minutes 14 --workers 2
