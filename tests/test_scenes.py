@@ -166,7 +166,7 @@ def test_judge_is_right_on_the_datas_own_images(size, n):
         assert result["all"], (i, S.caption(scene), result, [(o.color, o.shape, o.size, o.position)
                                                             for o in judgement.objects])
         for obj, mask in zip(scene.objects, drawn["masks"]):
-            match = min(judgement.objects, key=lambda o: sum(abs(a - b) for a, b in zip(o.box, obj.box)))
+            match = J.nearest_object(judgement.objects, obj.box)
             assert (match.color, match.shape, match.size, match.position) == (obj.color, obj.shape, obj.size,
                                                                               obj.position)
             ious.append(J.mask_iou(match.mask, mask))
@@ -176,32 +176,32 @@ def test_judge_is_right_on_the_datas_own_images(size, n):
 NO_STAR = tuple(s for s in S.SHAPES if s != "star")
 
 
+def blurred(scene, sigma: float) -> np.ndarray:
+    """The scene rendered at 64 px, then Gaussian-blurred by `sigma` pixels, as uint8 (H, W, 3)."""
+    from skimage.filters import gaussian
+
+    sharp = S.render(scene, 64)["image"]
+    return gaussian(sharp, sigma=sigma, channel_axis=-1, preserve_range=True).round().clip(0, 255).astype(np.uint8)
+
+
 @pytest.mark.parametrize("sigma, shapes", [(0.5, S.SHAPES), (0.75, NO_STAR)])
 def test_judge_reads_blurred_images_as_sharp_ones(sigma, shapes):
     """A decoder blurs edges; the judge must still see a square, not a circle. Before the box was put where
     the object's mass puts its edges, these scenes' squares were read as circles in 11 (0.5 px) and 10
     (0.75 px) of the 120 (the box grew by up to a pixel a side). At 0.75 px a star's thin points blur into its
     hull and its box shrinks, so that blur is asked of the other five shapes."""
-    from skimage.filters import gaussian
-
     for i in range(120):
         scene = S.random_scene(random.Random(f"blur{sigma}/{i}"), shapes=shapes, held_out_pairs=())
-        sharp = S.render(scene, 64)["image"]
-        blurred = gaussian(sharp, sigma=sigma, channel_axis=-1, preserve_range=True).round().clip(0, 255)
-        result = J.score(J.judge(blurred.astype(np.uint8)), scene, said_only=False)
+        result = J.score(J.judge(blurred(scene, sigma)), scene, said_only=False)
         assert result["all"], (i, sigma, S.caption(scene), result)
 
 
 def test_a_blurred_triangle_is_told_by_its_skew():
     """Blur rounds a triangle's tips, raising its fill towards a circle's (pi/4); its mass stays low (skewness
     about -0.5, every other shape above -0.05), so the judge asks the skew first."""
-    from skimage.filters import gaussian
-
     for i in range(120):
         scene = S.random_scene(random.Random(f"triangle/{i}"), pairs=[(list(S.COLORS)[i % len(S.COLORS)], "triangle")])
-        sharp = S.render(scene, 64)["image"]
-        blurred = gaussian(sharp, sigma=1.0, channel_axis=-1, preserve_range=True).round().clip(0, 255)
-        assert [o.shape for o in J.judge(blurred.astype(np.uint8)).objects] == ["triangle"], (i, S.caption(scene))
+        assert [o.shape for o in J.judge(blurred(scene, 1.0)).objects] == ["triangle"], (i, S.caption(scene))
 
 
 def test_judge_reads_tensors_and_scores_captions():
