@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+import minidiff
+
 from minidiff.training import evaluate_scenes, scenes, train_sd, train_vae
 from minidiff.training.common import CommandError, load_images
 from test_training import TINY_TEXT, parse
@@ -202,3 +204,81 @@ def test_evaluate_vae_command_needs_a_model(capsys):
 
     with pytest.raises(SystemExit, match="evaluate vae: give --model"):
         main(["vae"])
+
+
+# --- the later lessons' networks, trained for the second edition's factor-4 pipeline --------------------------
+def test_render_scenes_gives_the_objects_masks_with_the_images():
+    images, captions = scenes.render_scenes(6, seed=3, size=64, workers=1)
+    again, captions2, masks = scenes.render_scenes(6, seed=3, size=64, workers=2, masks=True)
+    assert torch.equal(images, again) and captions == captions2
+    assert masks.shape == (6, 1, 64, 64) and masks.dtype == torch.bool
+    ds = scenes.ScenesDataset(6, seed=3)
+    for i in range(6):
+        drawn = ds.render(i)["masks"]                                     # (objects, 64, 64)
+        assert torch.equal(masks[i, 0], torch.from_numpy(drawn.any(axis=0)))
+    assert any(len(ds.scene(i).objects) == 2 for i in range(6))          # the union of two masks is exercised
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "adapter"])
+def test_control_commands_shrink_the_mask_by_the_vaes_factor(kind, scenes_pipeline, tmp_path):
+    from minidiff.training import evaluate_control, train_control
+
+    sd, _, base = scenes_pipeline
+    run = tmp_path / kind
+    (train_control.main if kind == "controlnet" else train_control.main_adapter)(
+        ["--sd", str(sd), "--data", "scenes", "--out", str(run), "--steps", "2", "--num-images", "8",
+         "--batch-size", "2", "--device", "cpu"])
+    pipe = evaluate_control.load_pipeline(str(run), str(sd))
+    pipe.set_progress_bar_config(disable=True)
+    net = pipe.controlnet if kind == "controlnet" else pipe.adapter
+    factor = net.condition_scale_factor if kind == "controlnet" else net.config.downscale_factor
+    assert factor == base.vae_scale_factor == 4                           # 64 px masks meet 16x16 latents
+    prompts, masks = evaluate_control.eval_set(2)
+    images = evaluate_control.generate(pipe, prompts, masks, scale=1.0, steps=2)
+    assert [image.size for image in images] == [(64, 64)] * 2
+
+
+def test_control_command_refuses_data_its_pipelines_tokenizer_cannot_read(tmp_path, capsys):
+    from minidiff.training import train_control
+
+    with pytest.raises(SystemExit) as refused:                            # the first tiny-sd knows no scenes words
+        train_control.main(["--sd", "tiny-sd", "--data", "scenes", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "--data scenes: the captions use words that --sd tiny-sd's tokenizer lacks" in err
+    assert "(above, and, below" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["instruct-pix2pix", "depth2img"])
+def test_edit_commands_train_for_the_factor_4_pipeline(kind, scenes_pipeline, tmp_path):
+    import warnings
+
+    from minidiff.training import evaluate_edit, train_edit
+
+    sd, _, _ = scenes_pipeline
+    run = tmp_path / kind
+    train_edit.main(["--sd", str(sd), "--out", str(run), "--steps", "2", "--num-images", "6", "--batch-size", "2",
+                     "--device", "cpu"], kind=kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = evaluate_edit.load(str(run), None if kind == "instruct-pix2pix" else minidiff.StableDiffusionDepth2ImgPipeline)
+    assert pipe.unet.config.sample_size == 16 and pipe.vae_scale_factor == 4
+    before, _, instruction, _ = train_edit.edit_examples(1, 5)[0]
+    image = evaluate_edit.images_as_tensor([before])                      # (1, 3, 64, 64)
+    g = torch.Generator().manual_seed(0)
+    if kind == "instruct-pix2pix":
+        out = pipe([instruction], image=image, num_inference_steps=2, generator=g, output_type="pt").images
+    else:                                                                 # the depth channel at the latents' 16x16
+        depth = torch.from_numpy(scenes.render(before)["depth"])[None]     # (1, 64, 64)
+        out = pipe(["a red circle"], image=image, depth_map=depth, strength=1.0, num_inference_steps=2, generator=g,
+                   output_type="pt").images
+        assert train_edit.depth_condition(depth.numpy(), 16).shape == (1, 1, 16, 16)
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_edit_commands_refuse_data_they_do_not_train_on(tmp_path, capsys):
+    from minidiff.training import train_edit
+
+    with pytest.raises(SystemExit) as refused:
+        train_edit.main(["--data", "shapes", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert refused.value.code == 2 and "--data shapes: instruct-pix2pix trains on scenes.py" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

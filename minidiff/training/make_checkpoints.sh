@@ -5,6 +5,7 @@
 #     bash minidiff/training/make_checkpoints.sh runs train      # or one phase: smoke | train | evaluate
 #     INIT=runs bash minidiff/training/make_checkpoints.sh runs2 continue   # run 2: more steps from run 1
 #     bash minidiff/training/make_checkpoints.sh runs-v2 v2        # the second edition (scenes, 16x16 latents)
+#     bash minidiff/training/make_checkpoints.sh runs-v2 v2-lessons  # then ControlNet, T2I-Adapter, IP2P, Depth2Img on it
 #
 # tiny-ddpm trains alongside the two tiny-sd stages (VAE, then UNet + text encoder): models this small
 # leave most of a GPU idle. Each stage stops at --max-minutes and saves the EMA of its weights. A second
@@ -103,6 +104,36 @@ if [ "$PHASE" = v2 ]; then
             --sampler all --grid "$RUNS/tiny-ddpm-samples.png"
     fi
     stamp "v2 done"
+fi
+
+if [ "$PHASE" = v2-lessons ]; then
+    # The later lessons' networks for the second-edition tiny-sd (SD=folder, default $RUNS/tiny-sd): a ControlNet and
+    # a T2I-Adapter on the scenes' object masks (tiny-sd frozen; the condition shrunk by the VAE's factor 4), then
+    # InstructPix2Pix and Depth2Image (tiny-sd's UNet widened). Two at a time; each evaluation is written beside
+    # its run. RESUME=--resume continues them. Not run yet: the first edition's were trained on a CPU (their cards).
+    SD=${SD:-$RUNS/tiny-sd}
+    RESUME=${RESUME:-}
+    stamp "v2 ControlNet and T2I-Adapter for $SD"
+    for kind in controlnet adapter; do
+        name=$([ $kind = controlnet ] && echo tiny-controlnet-mask || echo tiny-t2i-adapter-mask)
+        train $kind --sd "$SD" --data scenes --out "$RUNS/$name" --num-images 20000 --batch-size 64 --lr 5e-4 \
+            --max-minutes "${CONTROL_MINUTES:-6}" --workers 4 $RESUME > "$RUNS/$name.log" 2>&1 &
+    done
+    wait
+    stamp "v2 InstructPix2Pix and Depth2Image from $SD"
+    train instruct-pix2pix --sd "$SD" --out "$RUNS/tiny-instruct-pix2pix" --num-images 4000 --batch-size 64 --lr 5e-4 \
+        --warmup 50 --max-minutes "${EDIT_MINUTES:-6}" $RESUME > "$RUNS/tiny-instruct-pix2pix.log" 2>&1 &
+    train depth2img --sd "$SD" --out "$RUNS/tiny-depth2img" --num-images 4000 --batch-size 64 --lr 6e-4 \
+        --max-minutes "${EDIT_MINUTES:-6}" $RESUME > "$RUNS/tiny-depth2img.log" 2>&1 &
+    wait
+    stamp "v2 evaluate the lessons' networks"
+    for name in tiny-controlnet-mask tiny-t2i-adapter-mask; do
+        $PY -m minidiff.training evaluate-control --model "$RUNS/$name" --sd "$SD" 2>&1 | tee "$RUNS/$name-evaluation.txt"
+    done
+    for name in tiny-instruct-pix2pix tiny-depth2img; do
+        $PY -m minidiff.training evaluate-edit --model "$RUNS/$name" --sd "$SD" 2>&1 | tee "$RUNS/$name-evaluation.txt"
+    done
+    stamp "v2 lessons done"
 fi
 
 if [ "$PHASE" = evaluate ] || [ "$PHASE" = all ]; then

@@ -426,23 +426,30 @@ class ScenesDataset(torch.utils.data.Dataset):
                       "depth": torch.from_numpy(drawn["depth"])[None]}
         return image, caption(scene), conditions
 
-    def arrays(self, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
-        """Images uint8 (stop - start, size, size, 3) and captions of scenes start..stop-1 (PIL and numpy only)."""
+    def arrays(self, start: int, stop: int, masks: bool = False) -> tuple:
+        """Images uint8 (stop - start, size, size, 3) and captions of scenes start..stop-1 (PIL and numpy only);
+        with masks=True also each scene's objects' masks together, bool (stop - start, size, size)."""
         scenes = [self.scene(i) for i in range(start, stop)]
-        return np.stack([render(s, self.size)["image"] for s in scenes]), [caption(s) for s in scenes]
+        drawn = [render(s, self.size) for s in scenes]
+        out = (np.stack([d["image"] for d in drawn]), [caption(s) for s in scenes])
+        return out + (np.stack([d["masks"].any(axis=0) for d in drawn]),) if masks else out
 
 
-def render_scenes(num_images: int, seed: int = 0, size: int = 64, workers: int = 1):
-    """The base data set as (uint8 (N, 3, size, size), captions), drawn by `workers` processes."""
+def render_scenes(num_images: int, seed: int = 0, size: int = 64, workers: int = 1, masks: bool = False):
+    """The base data set as (uint8 (N, 3, size, size), captions), drawn by `workers` processes; with masks=True
+    also the union of each scene's object masks, bool (N, 1, size, size) (what a mask ControlNet reads)."""
     ds = ScenesDataset(num_images, seed, size)
     bounds = [(s, min(s + -(-num_images // max(1, workers)), num_images))
               for s in range(0, num_images, -(-num_images // max(1, workers)))]
     if workers <= 1:
-        parts = [ds.arrays(*b) for b in bounds]
+        parts = [ds.arrays(*b, masks) for b in bounds]
     else:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as pool:  # the workers use PIL and numpy only, never torch
-            parts = list(pool.map(ds.arrays, *zip(*bounds)))
+            parts = list(pool.map(ds.arrays, *zip(*bounds), [masks] * len(bounds)))
     images = np.concatenate([p[0] for p in parts])                         # (N, size, size, 3)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [c for p in parts for c in p[1]]
+    out = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [c for p in parts for c in p[1]]
+    if not masks:
+        return out
+    return out + (torch.from_numpy(np.concatenate([p[2] for p in parts]))[:, None],)   # (N, 1, size, size)

@@ -21,12 +21,18 @@ trained with (Rombach et al. 2022, eq. 2), the UNet now steered by the condition
 - The adapter draws t from the paper's cubic schedule, t = (1 - (u)^3) T with u ~ U[0, 1) (T2I-Adapter
   sec. 3.4): more large t, where the layout is decided and the condition matters most.
 
-The data: shapes.py images (tiny-sd's own data, so every caption is in its tokenizer) and each shape's mask,
-read off the image: the backgrounds have no chroma (max - min of R, G, B), the shapes are saturated, so a
-pixel whose chroma is at least half the shape's own is inside (`shape_masks`). Why the mask (not edges or
-depth): tiny-sd's UNet sees 8x8 latents, and a mask is a filled region that survives the 8x shrinking of the
-conditioning network, where a one-pixel edge line is a thin trace; in a one-object world a depth map says no
-more than the mask. The mask is also what the evaluation compares (`evaluate_control.py`: IoU).
+The data: the images tiny-sd was trained on (--data shapes for the first edition, --data scenes for the second;
+every caption must be in its tokenizer, which is checked first) and the objects' mask. For shapes.py it is read
+off the image: the backgrounds have no chroma (max - min of R, G, B), the shapes are saturated, so a pixel whose
+chroma is at least half the shape's own is inside (`shape_masks`); scenes.py draws its masks exactly (the union
+of the one or two objects'). Why the mask (not edges or depth): the first tiny-sd's UNet sees 8x8 latents, and a
+mask is a filled region that survives the 8x shrinking of the conditioning network, where a one-pixel edge line
+is a thin trace; in a one-object world a depth map says no more than the mask. The mask is also what the
+evaluation compares (`evaluate_control.py`: IoU).
+
+The networks follow the VAE: the condition image is shrunk by the VAE's factor (8 for SD and the first tiny-sd,
+4 for the second), so that it meets the latents at their size: log2(factor) stride-2 convs in the ControlNet's
+conditioning embedding (`conditioning_widths`), downscale_factor = factor in the adapter.
 
 The output folder is in the hub layout (config.json + diffusion_pytorch_model.safetensors of the EMA
 weights), with the loss log and the command; the training state beside them for --resume.
@@ -38,6 +44,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +58,28 @@ from ..models.vae import AutoencoderKL
 from ..schedulers.ddpm import DDPMScheduler
 from .common import (CommandError, StepKeeper, add_common_args, ema_update, load_images, load_state, optimizer_step,
                      pick_device, prepare_run_folder, run_command)
+from .scenes import caption_words as scenes_caption_words, render_scenes
+from .shapes import caption_words as shapes_caption_words
 from .tokenizer import MODEL_MAX_LENGTH
 from .train_sd import SCHEDULER_CONFIG, encode_latents
 
 COMMAND_NAME = "command.txt"
 # The conditioning embedding's widths: 3 stride-2 convs (64 px -> 8, the VAE's factor), narrower than SD's
-# (16, 32, 96, 256) to suit tiny-sd's 64-channel UNet.
+# (16, 32, 96, 256) to suit tiny-sd's 64-channel UNet. A factor-4 VAE takes the first three (2 stride-2 convs).
 CONDITIONING_WIDTHS = (16, 32, 64, 64)
+
+
+def vae_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent position: each of the VAE's down blocks but the last halves H and W (8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def conditioning_widths(factor: int) -> tuple[int, ...]:
+    """The ControlNet conditioning embedding's widths for a VAE of this factor: log2(factor) stride-2 convs."""
+    convs = factor.bit_length() - 1                                            # log2 of a power of two
+    if factor < 2 or 2 ** convs != factor or convs >= len(CONDITIONING_WIDTHS):
+        raise ValueError(f"conditioning_widths: expected a VAE factor of 2, 4 or 8, found {factor}.")
+    return CONDITIONING_WIDTHS[:convs + 1]
 
 
 def shape_masks(images: torch.Tensor) -> torch.Tensor:
@@ -79,10 +101,38 @@ def load_frozen_sd(path: str, device: torch.device):
     return unet, vae, text_encoder, tokenizer
 
 
-def make_adapter(unet: UNet2DConditionModel) -> T2IAdapter:
-    """A full_adapter whose feature i has the width of the UNet's down block i; reads a 1-channel mask."""
+def make_adapter(unet: UNet2DConditionModel, factor: int = 8) -> T2IAdapter:
+    """A full_adapter whose feature i has the width of the UNet's down block i; reads a 1-channel mask, shrunk
+    `factor` times (the VAE's) by its pixel unshuffle, so that feature 0 has the latents' size."""
     return T2IAdapter.from_config({"in_channels": 1, "channels": list(unet.config.block_out_channels),
-                                   "num_res_blocks": 2, "downscale_factor": 8, "adapter_type": "full_adapter"})
+                                   "num_res_blocks": 2, "downscale_factor": factor, "adapter_type": "full_adapter"})
+
+
+def check_vocabulary(args, sd_path: str) -> None:
+    """Refuse --data whose caption words the pipeline's tokenizer lacks (the first tiny-sd knows none of the
+    scenes' new words: they would be split into letters it never saw), before any work starts."""
+    folder = os.path.join(sd_path, "tokenizer")
+    if not os.path.isdir(folder):
+        raise CommandError(f"--sd {args.sd}: expected a pipeline folder with a tokenizer/ folder, found none in "
+                           f"{sd_path}. Pass the folder a tiny-sd training run wrote, or 'tiny-sd'.")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    words = (scenes_caption_words if args.data == "scenes" else shapes_caption_words)()
+    lacking = [w for w in words if w + "</w>" not in tokenizer.get_vocab()]
+    if lacking:
+        raise CommandError(f"--data {args.data}: the captions use words that --sd {args.sd}'s tokenizer lacks "
+                           f"({', '.join(lacking[:8])}{', ...' if len(lacking) > 8 else ''}). Train on the data "
+                           f"that pipeline was trained on (--data shapes for the first tiny-sd, scenes for the second).")
+
+
+def load_data(args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """--data's images uint8 (N, 3, 64, 64), their objects' masks float (N, 1, 64, 64) in {0, 1}, the captions."""
+    if args.data == "scenes":
+        start = time.time()
+        images, captions, masks = render_scenes(args.num_images, args.seed, 64, args.workers, masks=True)
+        print(f"drew {len(images)} scenes images and masks at 64x64 in {time.time() - start:.1f} s")
+        return images.to(device), masks.float().to(device), captions
+    images, captions = load_images(args, resolution=64, device=device)
+    return images, shape_masks(images), captions
 
 
 def predict_noise(kind: str, net, unet, z_t, t, context, condition):
@@ -91,7 +141,7 @@ def predict_noise(kind: str, net, unet, z_t, t, context, condition):
         out = net(z_t, t, context, condition.expand(-1, 3, -1, -1))           # mask as RGB: (B, 3, 64, 64)
         return unet(z_t, t, context, down_block_additional_residuals=out.down_block_res_samples,
                     mid_block_additional_residual=out.mid_block_res_sample).sample
-    features = net(condition)                                                  # [(B, 64, 8, 8), (B, 128, 4, 4)]
+    features = net(condition)              # one per down block: [(B, 64, 8, 8), (B, 128, 4, 4)] for the first tiny-sd
     return unet(z_t, t, context, down_intrablock_additional_residuals=features).sample
 
 
@@ -111,16 +161,17 @@ def train(args, kind: str, command: list[str]):
                            "found neither. Check the path.")
     if not 0 <= args.caption_dropout <= 1:
         raise CommandError(f"--caption-dropout must be in [0, 1]; found {args.caption_dropout}.")
+    check_vocabulary(args, sd_path)
     prepare_run_folder(args, inputs={"--sd": sd_path, "--init": args.init})
     with open(os.path.join(args.out, COMMAND_NAME), "a" if args.resume else "w") as f:    # each command of the run
         f.write("python -m minidiff.training " + " ".join([kind, *command]) + "\n")
     torch.manual_seed(args.seed)
 
-    # 1. the frozen tiny-sd, and the data: latents of the VAE, the shapes' masks, the captions' token ids
+    # 1. the frozen tiny-sd, and the data: latents of the VAE, the objects' masks, the captions' token ids
     unet, vae, text_encoder, tokenizer = load_frozen_sd(sd_path, device)
-    images, captions = load_images(args, resolution=64, device=device)
-    masks = shape_masks(images)                                                # (N, 1, 64, 64)
-    latent_mean, latent_std = encode_latents(vae, images)                      # (N, 4, 8, 8) each
+    factor = vae_factor(vae)                                                   # f = 8 (first tiny-sd) or 4
+    images, masks, captions = load_data(args, device)               # (N, 3, 64, 64), (N, 1, 64, 64)
+    latent_mean, latent_std = encode_latents(vae, images)                      # (N, 4, 64/f, 64/f) each
     del images
     scaling_factor = vae.config.scaling_factor
     tokens = tokenizer(captions, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
@@ -132,9 +183,9 @@ def train(args, kind: str, command: list[str]):
     if args.init:
         net = (ControlNetModel if kind == "controlnet" else T2IAdapter).from_pretrained(args.init)
     elif kind == "controlnet":
-        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_WIDTHS)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_widths(factor))
     else:
-        net = make_adapter(unet)
+        net = make_adapter(unet, factor)
     net = net.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
@@ -156,7 +207,7 @@ def train(args, kind: str, command: list[str]):
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         # 3. z_0 ~ q(z | x), its mask c, its caption (half of them "")
         idx = torch.randint(len(tokens), (B,), generator=generator, device=device)
-        mean, std = latent_mean[idx], latent_std[idx]                          # (B, 4, 8, 8) each
+        mean, std = latent_mean[idx], latent_std[idx]                          # (B, 4, 64/f, 64/f) each
         z0 = scaling_factor * (mean + std * torch.randn(mean.shape, generator=generator, device=device))
         condition = masks[idx]                                                 # (B, 1, 64, 64)
         drop = torch.rand(B, generator=generator, device=device) < args.caption_dropout

@@ -135,9 +135,10 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def depth_condition(depths) -> torch.Tensor:
-    """(N, 64, 64) depth maps -> (N, 1, 8, 8) in [-1, 1], exactly as the pipeline prepares `depth_map=`."""
-    return StableDiffusionDepth2ImgPipeline.depth_channel(torch.as_tensor(np.asarray(depths)), (8, 8))
+def depth_condition(depths, size: int = 8) -> torch.Tensor:
+    """(N, 64, 64) depth maps -> (N, 1, size, size) in [-1, 1] (size: the latents', 64 / the VAE's factor),
+    exactly as the pipeline prepares `depth_map=`."""
+    return StableDiffusionDepth2ImgPipeline.depth_channel(torch.as_tensor(np.asarray(depths)), (size, size))
 
 
 @torch.no_grad()
@@ -161,15 +162,15 @@ def prepare_data(kind: str, args, vae, tokenizer, text_encoder, device) -> dict:
         after = to_tensor([render(a)["image"] for _, a, _, _ in examples]).to(device)
         texts = [instruction for _, _, instruction, _ in examples]
         with torch.no_grad():
-            mean, std = encode_latents(vae, after)                          # (N, 4, 8, 8) each
-            extra = encode_latents(vae, before)[0]                          # c_I = the mode, unscaled: (N, 4, 8, 8)
+            mean, std = encode_latents(vae, after)                          # (N, 4, h, w) each; h = 64 / f
+            extra = encode_latents(vae, before)[0]                          # c_I = the mode, unscaled: (N, 4, h, w)
     else:
         scenes = [one_object_scene(args.seed, i)[0] for i in range(args.num_images)]
         drawn = [render(s) for s in scenes]
         texts = [caption(s) for s in scenes]
         with torch.no_grad():
             mean, std = encode_latents(vae, to_tensor([d["image"] for d in drawn]).to(device))
-        extra = depth_condition([d["depth"] for d in drawn]).to(device)     # (N, 1, 8, 8)
+        extra = depth_condition([d["depth"] for d in drawn], mean.shape[-1]).to(device)   # (N, 1, h, w)
     context = embed(tokenizer, text_encoder, texts, device)                # (N, 77, D)
     print(f"drew and encoded {len(texts)} examples in {time.time() - start:.1f} s")
     return {"mean": mean, "std": std, "extra": extra, "context": context,
@@ -228,6 +229,9 @@ def train(args, kind: str, command: list[str]):
     if sd_path is None:
         raise CommandError(f"--sd {args.sd}: expected a tiny-sd pipeline folder or the bundled name 'tiny-sd', "
                            "found neither. Check the path.")
+    if args.data != "scenes":
+        raise CommandError(f"--data {args.data}: {kind} trains on scenes.py's one-object scenes (their edit pairs and "
+                           "depth maps), which every tiny-sd knows; drop --data or pass --data scenes.")
     prepare_run_folder(args, inputs={"--sd": sd_path, "--init": args.init})
     with open(os.path.join(args.out, COMMAND_NAME), "a" if args.resume else "w") as f:
         f.write("python -m minidiff.training " + " ".join([kind, *command]) + "\n")
@@ -267,17 +271,17 @@ def train(args, kind: str, command: list[str]):
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         # 3. z_0 ~ q(z | target), its extra channels, its text; some conditions dropped
         idx = torch.randint(N, (B,), generator=generator, device=device)
-        mean, std = data["mean"][idx], data["std"][idx]                          # (B, 4, 8, 8) each
+        mean, std = data["mean"][idx], data["std"][idx]                          # (B, 4, h, w) each (8x8 or 16x16)
         z0 = scaling_factor * (mean + std * torch.randn(mean.shape, generator=generator, device=device))
         drop_text, drop_image = drop_conditions(kind, B, generator, device)
-        extra = data["extra"][idx] * ~drop_image[:, None, None, None]            # (B, 4 or 1, 8, 8)
+        extra = data["extra"][idx] * ~drop_image[:, None, None, None]            # (B, 4 or 1, h, w)
         context = torch.where(drop_text[:, None, None], data["empty"], data["context"][idx])   # (B, 77, D)
         # 4. t, eps, z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) eps
         t = torch.randint(T, (B,), generator=generator, device=device)
         eps = torch.randn(z0.shape, generator=generator, device=device)
         z_t = noise_schedule.add_noise(z0, eps, t)
         # 5. || eps - eps_theta([z_t ; extra], t, text) ||^2
-        model_input = torch.cat([z_t, extra], dim=1)                             # (B, 4 + extra, 8, 8)
+        model_input = torch.cat([z_t, extra], dim=1)                             # (B, 4 + extra, h, w)
         loss = F.mse_loss(unet(model_input, t, context).sample, eps)
 
         optimizer_step(optimizer, loss, unet.parameters())
@@ -296,7 +300,7 @@ def main(argv=None, kind: str = "instruct-pix2pix") -> None:
     parser = argparse.ArgumentParser(prog=f"python -m minidiff.training {kind}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, steps=100_000, batch_size=32, lr=2e-4)
-    parser.set_defaults(num_images=4_000, warmup=100, save_every=250, ema_decay=0.995)
+    parser.set_defaults(num_images=4_000, warmup=100, save_every=250, ema_decay=0.995, data="scenes")
     parser.add_argument("--sd", default="tiny-sd", help="the text-to-image pipeline folder to start from "
                         "(default: the bundled tiny-sd)")
     command = sys.argv[1:] if argv is None else list(argv)
