@@ -439,9 +439,10 @@ class Bench:
         return self.ddpm
 
     def sd_inputs(self, pipe, dtype):
-        size = self.args.height or pipe.unet.config.sample_size * 8
+        f = pipe.vae_scale_factor                                         # pixels per latent: 8 for SD
+        size = self.args.height or pipe.unet.config.sample_size * f
         g = torch.Generator().manual_seed(0)
-        latents = torch.randn((1, 4, size // 8, size // 8), generator=g).to(self.device, dtype)
+        latents = torch.randn((1, 4, size // f, size // f), generator=g).to(self.device, dtype)
         return size, latents
 
     def run_sd(self, pipe, latents, size, capture=False, steps=None):
@@ -563,7 +564,7 @@ class Bench:
                               for p in (ours, theirs)]
                 rep.add(section, "GPU syncs per UNet call", *unet_syncs)
         if self.device == "cuda":
-            image_syncs = [syncs_during(self.device, lambda p=p: self.run_sd(p, latents, latents.shape[-1] * 8))
+            image_syncs = [syncs_during(self.device, lambda p=p: self.run_sd(p, latents, latents.shape[-1] * p.vae_scale_factor))
                            for p in (ours, theirs)]
             rep.add(section, "GPU syncs per image (whole call)", *image_syncs)
 

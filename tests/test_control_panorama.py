@@ -110,3 +110,14 @@ def test_wide_image_and_its_steps(tiny):
 def test_bad_input(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny("a red circle", num_inference_steps=1, **kwargs)
+
+
+def test_errors_give_pixels_at_the_vaes_own_factor():
+    """A factor-4 VAE (the second tiny-sd): 16 latents are 64 pixels, not 128."""
+    get_views = StableDiffusionPanoramaPipeline.get_views
+    with pytest.raises(ValueError, match=r"16 latents = 64 pixels"):
+        get_views(16, 12, window=16, stride=4, pixels_per_latent=4)
+    with pytest.raises(ValueError, match=r"Use 30 or 32 latents \(120 or 128 pixels\)"):
+        get_views(16, 31, window=16, stride=2, pixels_per_latent=4)
+    with pytest.raises(ValueError, match=r"\(240 or 256 pixels\)"):                 # SD's factor by default
+        get_views(16, 31, window=16, stride=2)

@@ -68,7 +68,8 @@ def layer_size(num_positions: int, latent_hw: tuple[int, int]) -> tuple[int, int
     hl, wl = round(h / factor), round(w / factor)
     if hl * wl != num_positions:
         raise ValueError(f"An attention map with {num_positions} positions does not fit a latent of {h} x {w}; "
-                         "pass latent_hw = (height // 8, width // 8) of the latents the UNet was run on.")
+                         "pass latent_hw = (height // f, width // f) of the latents the UNet was run on (f: the "
+                         "pipeline's vae_scale_factor, 8 for SD).")
     return hl, wl
 
 

@@ -66,7 +66,7 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
         _, _, latent_shape = self.check_inputs(batch_size, height, width, output_type, generator, latents,
                                                num_inference_steps, guidance_scale)
         stride = window // 8 if stride is None else stride
-        views = self.get_views(height // f, width // f, window, stride, circular_padding)
+        views = self.get_views(height // f, width // f, window, stride, circular_padding, pixels_per_latent=f)
         if not isinstance(view_batch_size, int) or view_batch_size < 1:
             raise ValueError(f"view_batch_size must be a positive integer (windows per UNet call); "
                              f"found {view_batch_size!r}.")
@@ -139,16 +139,17 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
 
     @staticmethod
     def get_views(h: int, w: int, window: int, stride: int, circular_padding: bool = False,
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  pixels_per_latent: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The crops F_i of an (h, w) latent (eq. 7): (row indices, column indices) of each window, row-major.
 
         With `circular_padding` the windows run on past the right edge and wrap around (columns modulo w).
+        `pixels_per_latent` (the VAE's factor: 8 for SD) only turns latents into pixels in the error messages.
         """
         if not isinstance(stride, int) or not 0 < stride <= window:
             raise ValueError(f"stride must be an integer in [1, {window}] (the window size in latents: larger "
                              f"strides leave gaps between windows); found {stride!r}.")
         if h < window or w < window:
-            raise ValueError(f"A panorama must be at least one window ({window} latents = {window * 8} pixels for "
+            raise ValueError(f"A panorama must be at least one window ({window} latents = {window * pixels_per_latent} pixels for "
                              f"this UNet) high and wide; found {h} x {w} latents. Raise height and width.")
         last_col = w if circular_padding and w > window else w - window   # circular: a window starts every stride
         for name, size, span in (("height", h, h - window), ("width", w, last_col)):
@@ -157,7 +158,7 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
                 raise ValueError(
                     f"The windows do not tile the {name}: {size} latents with window {window} and stride {stride} "
                     f"leave {span % stride} latents uncovered. Use {lower} or {upper} latents "
-                    f"({lower * 8} or {upper * 8} pixels), or another stride.")
+                    f"({lower * pixels_per_latent} or {upper * pixels_per_latent} pixels), or another stride.")
         num_rows = (h - window) // stride + 1
         # As diffusers: a panorama exactly one window wide gets one window, even with circular padding.
         num_cols = w // stride if circular_padding and w > window else (w - window) // stride + 1
