@@ -45,3 +45,10 @@ python -m minidiff.training evaluate vae --model runs/v2/vae/vae
 OMP_NUM_THREADS=2 python -m minidiff.training sd --data scenes --vae runs/v2/vae/vae --init runs/v2/tiny-sd --num-images 20000 \
     --out runs/v2/tiny-sd-l1 --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --ema-decay 0.995 --steps 200000 \
     --save-every 200 --max-minutes 14 --workers 2
+
+# tiny-sd v2, second leg (2026-12-06): the same run continued; --resume takes the weights, optimizer, EMA and
+# random state from runs/v2/tiny-sd-l1, so --init goes (the two cannot go together); --max-minutes counts the
+# whole run, the first leg's 14 minutes included
+OMP_NUM_THREADS=2 python -m minidiff.training sd --data scenes --vae runs/v2/vae/vae --num-images 20000 \
+    --out runs/v2/tiny-sd-l1 --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --ema-decay 0.995 --steps 200000 \
+    --save-every 200 --max-minutes 128 --workers 2 --resume
