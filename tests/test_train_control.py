@@ -63,7 +63,7 @@ def test_a_few_steps_lower_the_loss_and_move_only_the_new_network(kind, frozen_s
     if kind == "controlnet":
         net = minidiff.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_WIDTHS)
     else:
-        net = make_adapter(unet)
+        net = make_adapter(unet, 8)                                           # the first tiny-sd: factor 8
     start = [p.detach().clone() for p in net.parameters()]
     images, captions = shapes.ShapesDataset(8, seed=1).tensors()
     masks = shape_masks(images)

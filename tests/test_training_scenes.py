@@ -216,6 +216,14 @@ def test_render_scenes_gives_the_objects_masks_with_the_images():
     for i in range(6):
         drawn = ds.render(i)["masks"]                                     # (objects, 64, 64)
         assert torch.equal(masks[i, 0], torch.from_numpy(drawn.any(axis=0)))
+        # and the mask is where the objects are: inside their boxes, filling at least 40% of each (a diamond: 50%)
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        for obj in ds.scene(i).objects:
+            x0, y0, x1, y1 = obj.box
+            box = (slice(int(y0), int(np.ceil(y1))), slice(int(x0), int(np.ceil(x1))))
+            inside[box] = True
+            assert masks[i, 0][box].float().mean() > 0.4, (i, obj)
+        assert not (masks[i, 0] & ~inside).any(), i
     assert any(len(ds.scene(i).objects) == 2 for i in range(6))          # the union of two masks is exercised
 
 
@@ -226,16 +234,46 @@ def test_control_commands_shrink_the_mask_by_the_vaes_factor(kind, scenes_pipeli
     sd, _, base = scenes_pipeline
     run = tmp_path / kind
     (train_control.main if kind == "controlnet" else train_control.main_adapter)(
-        ["--sd", str(sd), "--data", "scenes", "--out", str(run), "--steps", "2", "--num-images", "8",
-         "--batch-size", "2", "--device", "cpu"])
+        ["--sd", str(sd), "--out", str(run), "--steps", "2", "--num-images", "8", "--batch-size", "2",
+         "--device", "cpu"])
     pipe = evaluate_control.load_pipeline(str(run), str(sd))
     pipe.set_progress_bar_config(disable=True)
     net = pipe.controlnet if kind == "controlnet" else pipe.adapter
     factor = net.condition_scale_factor if kind == "controlnet" else net.config.downscale_factor
     assert factor == base.vae_scale_factor == 4                           # 64 px masks meet 16x16 latents
-    prompts, masks = evaluate_control.eval_set(2)
+    prompts, masks = evaluate_control.eval_set(2, data="scenes")
     images = evaluate_control.generate(pipe, prompts, masks, scale=1.0, steps=2)
     assert [image.size for image in images] == [(64, 64)] * 2
+
+
+def test_control_command_picks_the_data_its_pipeline_was_trained_on(scenes_pipeline, tmp_path, capsys):
+    from minidiff.training import train_control
+
+    sd, _, _ = scenes_pipeline
+    train_control.main(["--sd", str(sd), "--out", str(tmp_path / "a"), "--steps", "0", "--num-images", "4",
+                        "--device", "cpu"])
+    assert f"--data scenes: the data --sd {sd} was trained on" in capsys.readouterr().out
+    train_control.main(["--out", str(tmp_path / "b"), "--steps", "0", "--num-images", "4", "--device", "cpu"])
+    assert "--data shapes: the data --sd tiny-sd was trained on" in capsys.readouterr().out
+
+
+def test_control_command_refuses_a_network_made_for_another_tiny_sd(scenes_pipeline, tmp_path, capsys):
+    from minidiff.checkpoints import TINY_CONTROLNET_MASK
+    from minidiff.training import train_control
+
+    sd, _, _ = scenes_pipeline
+    with pytest.raises(SystemExit) as refused:                            # the first tiny-sd's ControlNet: 8x, 2 levels
+        train_control.main(["--sd", str(sd), "--init", TINY_CONTROLNET_MASK, "--out", str(tmp_path / "run"),
+                            "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and f"--init {TINY_CONTROLNET_MASK}: controlnet was built for another UNet" in err
+    assert not (tmp_path / "run").exists()
+    empty = tmp_path / "not-a-pipeline"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as refused:
+        train_control.main(["--sd", str(empty), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert refused.value.code == 2 and "has no unet/, vae/, text_encoder/, tokenizer/" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_control_command_refuses_data_its_pipelines_tokenizer_cannot_read(tmp_path, capsys):
@@ -244,8 +282,10 @@ def test_control_command_refuses_data_its_pipelines_tokenizer_cannot_read(tmp_pa
     with pytest.raises(SystemExit) as refused:                            # the first tiny-sd knows no scenes words
         train_control.main(["--sd", "tiny-sd", "--data", "scenes", "--out", str(tmp_path / "run"), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert refused.value.code == 2 and "--data scenes: the captions use words that --sd tiny-sd's tokenizer lacks" in err
-    assert "(above, and, below" in err and not (tmp_path / "run").exists()
+    # exactly the words of the scenes' captions that the first tokenizer splits (not the edit instructions' words)
+    assert refused.value.code == 2 and ("--data scenes: its captions use words that --sd tiny-sd's tokenizer lacks "
+                                        "(above, and, below, gradient, of, striped)") in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("kind", ["instruct-pix2pix", "depth2img"])
@@ -271,8 +311,29 @@ def test_edit_commands_train_for_the_factor_4_pipeline(kind, scenes_pipeline, tm
         depth = torch.from_numpy(scenes.render(before)["depth"])[None]     # (1, 64, 64)
         out = pipe(["a red circle"], image=image, depth_map=depth, strength=1.0, num_inference_steps=2, generator=g,
                    output_type="pt").images
-        assert train_edit.depth_condition(depth.numpy(), 16).shape == (1, 1, 16, 16)
     assert out.shape == (1, 3, 64, 64)
+
+
+def test_edit_commands_refuse_a_unet_made_from_another_tiny_sd(scenes_pipeline, tmp_path, capsys):
+    from minidiff.checkpoints import TINY_INSTRUCT_PIX2PIX
+    from minidiff.training import train_edit
+
+    sd, _, _ = scenes_pipeline
+    with pytest.raises(SystemExit) as refused:                            # made from the first tiny-sd: 8x8, 2 levels
+        train_edit.main(["--sd", str(sd), "--init", TINY_INSTRUCT_PIX2PIX, "--out", str(tmp_path / "run"),
+                         "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "its UNet was made from another tiny-sd" in err and "sample_size 8 (--sd's: 16)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_panorama_messages_count_pixels_at_the_pipelines_factor(scenes_pipeline):
+    from minidiff.control.panorama import StableDiffusionPanoramaPipeline
+
+    _, _, base = scenes_pipeline
+    pipe = StableDiffusionPanoramaPipeline(**base.components)
+    with pytest.raises(ValueError, match=r"at least one window \(16 latents = 64 pixels"):   # not 128: f = 4
+        pipe("a red circle", num_inference_steps=1, width=32)
 
 
 def test_edit_commands_refuse_data_they_do_not_train_on(tmp_path, capsys):

@@ -172,8 +172,9 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
 
     def decode_with_padding(self, latents: torch.Tensor, padding: int = 8) -> torch.Tensor:
         """Decode a 360° panorama: pad each end with `padding` latents of the other end so the VAE sees the
-        wrap-around, decode, and cut the padding off again. (B, 4, h, w) -> (B, 3, 8h, 8w)."""
+        wrap-around, decode, and cut the padding off again. (B, 4, h, w) -> (B, 3, fh, fw), f the VAE's factor
+        (8 for SD)."""
         padded = torch.cat([latents[..., -padding:], latents, latents[..., :padding]], dim=-1)  # (B, 4, h, w + 2p)
-        image = self.decode(padded)                                                    # (B, 3, 8h, 8(w + 2p))
+        image = self.decode(padded)                                                    # (B, 3, fh, f(w + 2p))
         cut = self.vae_scale_factor * padding
-        return image[..., cut:-cut]                                                    # (B, 3, 8h, 8w)
+        return image[..., cut:-cut]                                                    # (B, 3, fh, fw)

@@ -15,7 +15,7 @@ evaluation. One command per step (see `python -m minidiff.training --help`):
 | `train_ddpm.py` | UNet2DModel: DDPM's epsilon loss with `add_noise` (Ho et al. 2020, Alg. 1)   |
 | `train_sd.py`   | UNet2DConditionModel + CLIPTextModel, caption dropout for guidance           |
 | `evaluate.py`   | a rule-based colour and shape classifier, and the model-card numbers         |
-| `train_control.py` | a ControlNet / T2I-Adapter for frozen tiny-sd on the shapes' masks        |
+| `train_control.py` | a ControlNet / T2I-Adapter for frozen tiny-sd on the objects' masks       |
 | `evaluate_control.py` | mask IoU with and without the control, the conditioning-scale curve    |
 | `finetune/`     | Textual Inversion, DreamBooth (full, LoRA), Custom Diffusion; `compare.py`   |
 | `scenes.py`     | the second edition of the data: two objects, relations, masks, edges, depth, edit pairs |

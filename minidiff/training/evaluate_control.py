@@ -6,7 +6,9 @@
 The measure is the intersection over union of two masks (`judge.mask_iou`): the condition's, and the
 generated object's, found by the judge (`judge.judge`: the largest blob of pixels with chroma, since tiny-sd's
 backgrounds have none; no object found counts as IoU 0). Prompts say colour and shape only ("a red circle"),
-so without the control tiny-sd puts the object anywhere, and the IoU says how much the mask moved it:
+so without the control tiny-sd puts the object anywhere, and the IoU says how much the mask moved it. The
+prompts and masks come from the data tiny-sd was trained on (--data; shapes.py for the first edition, one-object
+scenes.py scenes for the second):
 
 - `scale_curve`: mean IoU at conditioning scales 0 (tiny-sd alone: the residuals / features times 0), 0.25,
   0.5, 1, 1.5; same prompts, masks and starting noise for every scale; plus how often the colour still
@@ -34,8 +36,9 @@ from ..models.controlnet import ControlNetModel
 from ..models.t2i_adapter import T2IAdapter
 from ..pipelines.stable_diffusion import StableDiffusionPipeline
 from .judge import judge, mask_iou
-from .shapes import POSITIONS, ShapesDataset, draw, sample_example
-from .train_control import shape_masks
+from .scenes import random_scene, render
+from .shapes import BACKGROUNDS as PLAIN_BACKGROUNDS, POSITIONS, ShapesDataset, draw, sample_example
+from .train_control import pick_data, shape_masks
 
 EVAL_SEED = 20_000          # data seed of the evaluation shapes (training drew seed 0)
 SCALES = (0.0, 0.25, 0.5, 1.0, 1.5)
@@ -46,8 +49,16 @@ OPPOSITE = {"at the top left": "at the bottom right", "at the bottom right": "at
             "at the top": "at the bottom", "at the bottom": "at the top"}
 
 
-def eval_set(num: int = 32, seed: int = EVAL_SEED) -> tuple[list[str], torch.Tensor]:
-    """`num` shapes.py images -> prompts "a COLOUR SHAPE" and their masks, float (num, 1, 64, 64) in {0, 1}."""
+def eval_set(num: int = 32, seed: int = EVAL_SEED, data: str = "shapes") -> tuple[list[str], torch.Tensor]:
+    """`num` held-out objects -> prompts "a COLOUR SHAPE" and their masks, float (num, 1, 64, 64) in {0, 1}: shapes.py
+    images (the first tiny-sd's data), or one-object scenes.py scenes on a plain background (the second's; its
+    objects are smaller: sides 14-30 of 64, against 34-46 for a large shapes.py shape)."""
+    if data == "scenes":
+        rng = random.Random(f"minidiff-control-eval/{seed}")
+        scenes = [random_scene(rng, max_objects=1, backgrounds=tuple(PLAIN_BACKGROUNDS)) for _ in range(num)]
+        prompts = [f"a {s.objects[0].color} {s.objects[0].shape}" for s in scenes]
+        masks = np.stack([render(s)["masks"][0] for s in scenes])                # (num, 64, 64) bool
+        return prompts, torch.from_numpy(masks)[:, None].float()
     ds = ShapesDataset(num, seed)
     images, _ = ds.tensors()                                                   # (num, 3, 64, 64) uint8
     prompts = [f"a {ds.example(i).color} {ds.example(i).shape}" for i in range(num)]
@@ -146,6 +157,8 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a ControlNet or T2I-Adapter folder, or a bundled name")
     parser.add_argument("--sd", default="tiny-sd", help="the pipeline it steers")
+    parser.add_argument("--data", choices=("shapes", "scenes"), default=None,
+                        help="where the prompts and masks come from (default: the data --sd was trained on)")
     parser.add_argument("--num", type=int, default=32, help="prompts (and masks) of the scale curve")
     parser.add_argument("--steps", type=int, default=20, help="PNDM steps")
     args = parser.parse_args(argv)
@@ -154,8 +167,9 @@ def main(argv=None) -> None:
     start = time.time()
     pipe = load_pipeline(args.model, args.sd)
     pipe.set_progress_bar_config(disable=True)
-    prompts, masks = eval_set(args.num)
-    print(f"{type(pipe).__name__}, {args.num} prompts x 1 seed, {args.steps} PNDM steps, guidance 7.5")
+    data = pick_data(args.data, args.sd, pipe.tokenizer)
+    prompts, masks = eval_set(args.num, data=data)
+    print(f"{type(pipe).__name__}, {args.num} {data} prompts x 1 seed, {args.steps} PNDM steps, guidance 7.5")
     print("| conditioning scale | mean mask IoU | colour matches prompt |")
     print("|---|---|---|")
     for scale, row in scale_curve(pipe, prompts, masks, steps=args.steps).items():

@@ -109,29 +109,40 @@ fi
 if [ "$PHASE" = v2-lessons ]; then
     # The later lessons' networks for the second-edition tiny-sd (SD=folder, default $RUNS/tiny-sd): a ControlNet and
     # a T2I-Adapter on the scenes' object masks (tiny-sd frozen; the condition shrunk by the VAE's factor 4), then
-    # InstructPix2Pix and Depth2Image (tiny-sd's UNet widened). Two at a time; each evaluation is written beside
-    # its run. RESUME=--resume continues them. Not run yet: the first edition's were trained on a CPU (their cards).
+    # InstructPix2Pix and Depth2Image (tiny-sd's UNet widened). Two at a time; a run that fails is reported and
+    # not evaluated; each evaluation is written beside its run. RESUME=--resume continues them.
+    # Not run yet: the first edition's were trained on a CPU (their cards).
     SD=${SD:-$RUNS/tiny-sd}
     RESUME=${RESUME:-}
+    finished() { wait "$1" && return 0; stamp "$2 failed: see $RUNS/$2.log"; tail -5 "$RUNS/$2.log"; return 1; }
     stamp "v2 ControlNet and T2I-Adapter for $SD"
-    for kind in controlnet adapter; do
-        name=$([ $kind = controlnet ] && echo tiny-controlnet-mask || echo tiny-t2i-adapter-mask)
-        train $kind --sd "$SD" --data scenes --out "$RUNS/$name" --num-images 20000 --batch-size 64 --lr 5e-4 \
-            --max-minutes "${CONTROL_MINUTES:-6}" --workers 4 $RESUME > "$RUNS/$name.log" 2>&1 &
-    done
-    wait
+    train controlnet --sd "$SD" --data scenes --out "$RUNS/tiny-controlnet-mask" --num-images 20000 --batch-size 64 \
+        --lr 5e-4 --max-minutes "${CONTROL_MINUTES:-6}" --workers 4 $RESUME > "$RUNS/tiny-controlnet-mask.log" 2>&1 &
+    CONTROLNET=$!
+    train adapter --sd "$SD" --data scenes --out "$RUNS/tiny-t2i-adapter-mask" --num-images 20000 --batch-size 64 \
+        --lr 5e-4 --max-minutes "${CONTROL_MINUTES:-6}" --workers 4 $RESUME > "$RUNS/tiny-t2i-adapter-mask.log" 2>&1 &
+    ADAPTER=$!
+    OK=()
+    finished $CONTROLNET tiny-controlnet-mask && OK+=(tiny-controlnet-mask)
+    finished $ADAPTER tiny-t2i-adapter-mask && OK+=(tiny-t2i-adapter-mask)
     stamp "v2 InstructPix2Pix and Depth2Image from $SD"
     train instruct-pix2pix --sd "$SD" --out "$RUNS/tiny-instruct-pix2pix" --num-images 4000 --batch-size 64 --lr 5e-4 \
         --warmup 50 --max-minutes "${EDIT_MINUTES:-6}" $RESUME > "$RUNS/tiny-instruct-pix2pix.log" 2>&1 &
+    IP2P=$!
     train depth2img --sd "$SD" --out "$RUNS/tiny-depth2img" --num-images 4000 --batch-size 64 --lr 6e-4 \
         --max-minutes "${EDIT_MINUTES:-6}" $RESUME > "$RUNS/tiny-depth2img.log" 2>&1 &
-    wait
-    stamp "v2 evaluate the lessons' networks"
-    for name in tiny-controlnet-mask tiny-t2i-adapter-mask; do
-        $PY -m minidiff.training evaluate-control --model "$RUNS/$name" --sd "$SD" 2>&1 | tee "$RUNS/$name-evaluation.txt"
-    done
-    for name in tiny-instruct-pix2pix tiny-depth2img; do
-        $PY -m minidiff.training evaluate-edit --model "$RUNS/$name" --sd "$SD" 2>&1 | tee "$RUNS/$name-evaluation.txt"
+    DEPTH=$!
+    finished $IP2P tiny-instruct-pix2pix && OK+=(tiny-instruct-pix2pix)
+    finished $DEPTH tiny-depth2img && OK+=(tiny-depth2img)
+    stamp "v2 evaluate: ${OK[*]}"
+    for name in "${OK[@]}"; do
+        case $name in
+            tiny-controlnet-mask|tiny-t2i-adapter-mask) what=evaluate-control ;;
+            *) what=evaluate-edit ;;
+        esac
+        $PY -m minidiff.training $what --model "$RUNS/$name" --sd "$SD" > "$RUNS/$name-evaluation.txt" 2>&1 \
+            || stamp "$what $name failed"
+        grep -v "Loading weights" "$RUNS/$name-evaluation.txt"
     done
     stamp "v2 lessons done"
 fi

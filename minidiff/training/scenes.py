@@ -426,13 +426,16 @@ class ScenesDataset(torch.utils.data.Dataset):
                       "depth": torch.from_numpy(drawn["depth"])[None]}
         return image, caption(scene), conditions
 
-    def arrays(self, start: int, stop: int, masks: bool = False) -> tuple:
+    def arrays(self, start: int, stop: int, masks: bool = False
+               ) -> tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[str], np.ndarray]:
         """Images uint8 (stop - start, size, size, 3) and captions of scenes start..stop-1 (PIL and numpy only);
         with masks=True also each scene's objects' masks together, bool (stop - start, size, size)."""
         scenes = [self.scene(i) for i in range(start, stop)]
         drawn = [render(s, self.size) for s in scenes]
-        out = (np.stack([d["image"] for d in drawn]), [caption(s) for s in scenes])
-        return out + (np.stack([d["masks"].any(axis=0) for d in drawn]),) if masks else out
+        images, captions = np.stack([d["image"] for d in drawn]), [caption(s) for s in scenes]
+        if not masks:
+            return images, captions
+        return images, captions, np.stack([d["masks"].any(axis=0) for d in drawn])
 
 
 def render_scenes(num_images: int, seed: int = 0, size: int = 64, workers: int = 1, masks: bool = False):

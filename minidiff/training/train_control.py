@@ -2,9 +2,10 @@
 
     python -m minidiff.training controlnet --out runs/tiny-controlnet-mask --device cpu --max-minutes 15
     python -m minidiff.training adapter --out runs/tiny-t2i-adapter-mask --device cpu --max-minutes 15
+    python -m minidiff.training controlnet --sd runs-v2/tiny-sd --out runs-v2/tiny-controlnet-mask   # second edition
 
 Both keep tiny-sd (UNet, VAE, text encoder) frozen and train only the new network, on the loss tiny-sd was
-trained with (Rombach et al. 2022, eq. 2), the UNet now steered by the condition c (the shape's mask):
+trained with (Rombach et al. 2022, eq. 2), the UNet now steered by the condition c (the objects' mask):
 
     z_0 = scaling_factor * z,  z ~ q(z | x);   t ~ U{0, ..., T-1};   z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) eps
     ControlNet (Zhang et al. 2023, https://arxiv.org/abs/2302.05543, eq. 5):
@@ -22,7 +23,8 @@ trained with (Rombach et al. 2022, eq. 2), the UNet now steered by the condition
   sec. 3.4): more large t, where the layout is decided and the condition matters most.
 
 The data: the images tiny-sd was trained on (--data shapes for the first edition, --data scenes for the second;
-every caption must be in its tokenizer, which is checked first) and the objects' mask. For shapes.py it is read
+without --data, the one whose words its tokenizer keeps whole; every caption word must be one token, which is
+checked first) and the objects' mask. For shapes.py it is read
 off the image: the backgrounds have no chroma (max - min of R, G, B), the shapes are saturated, so a pixel whose
 chroma is at least half the shape's own is inside (`shape_masks`); scenes.py draws its masks exactly (the union
 of the one or two objects'). Why the mask (not edges or depth): the first tiny-sd's UNet sees 8x8 latents, and a
@@ -50,16 +52,18 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..control.controlnet import StableDiffusionControlNetPipeline
+from ..control.t2i_adapter import StableDiffusionAdapterPipeline
 from ..core.hub import bundled_path
 from ..models.controlnet import ControlNetModel
 from ..models.t2i_adapter import T2IAdapter
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..schedulers.ddpm import DDPMScheduler
-from .common import (CommandError, StepKeeper, add_common_args, ema_update, load_images, load_state, optimizer_step,
-                     pick_device, prepare_run_folder, run_command)
-from .scenes import caption_words as scenes_caption_words, render_scenes
-from .shapes import caption_words as shapes_caption_words
+from .common import (CommandError, StepKeeper, add_common_args, autocast, check_args, ema_update, load_images,
+                     load_state, optimizer_step, pick_device, prepare_run_folder, run_command)
+from .scenes import ScenesDataset, caption as scenes_caption, render_scenes
+from .shapes import ShapesDataset
 from .tokenizer import MODEL_MAX_LENGTH
 from .train_sd import SCHEDULER_CONFIG, encode_latents
 
@@ -101,27 +105,64 @@ def load_frozen_sd(path: str, device: torch.device):
     return unet, vae, text_encoder, tokenizer
 
 
-def make_adapter(unet: UNet2DConditionModel, factor: int = 8) -> T2IAdapter:
+def make_adapter(unet: UNet2DConditionModel, factor: int) -> T2IAdapter:
     """A full_adapter whose feature i has the width of the UNet's down block i; reads a 1-channel mask, shrunk
     `factor` times (the VAE's) by its pixel unshuffle, so that feature 0 has the latents' size."""
     return T2IAdapter.from_config({"in_channels": 1, "channels": list(unet.config.block_out_channels),
                                    "num_res_blocks": 2, "downscale_factor": factor, "adapter_type": "full_adapter"})
 
 
-def check_vocabulary(args, sd_path: str) -> None:
-    """Refuse --data whose caption words the pipeline's tokenizer lacks (the first tiny-sd knows none of the
-    scenes' new words: they would be split into letters it never saw), before any work starts."""
-    folder = os.path.join(sd_path, "tokenizer")
-    if not os.path.isdir(folder):
-        raise CommandError(f"--sd {args.sd}: expected a pipeline folder with a tokenizer/ folder, found none in "
-                           f"{sd_path}. Pass the folder a tiny-sd training run wrote, or 'tiny-sd'.")
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    words = (scenes_caption_words if args.data == "scenes" else shapes_caption_words)()
-    lacking = [w for w in words if w + "</w>" not in tokenizer.get_vocab()]
+def caption_vocabulary(data: str, num: int, seed: int) -> set[str]:
+    """Every word of the first `num` captions of --data (the scenes are described, not drawn: about 1 s for 20,000)."""
+    if data == "scenes":
+        ds = ScenesDataset(num, seed)
+        return {w for i in range(num) for w in scenes_caption(ds.scene(i)).split()}
+    ds = ShapesDataset(num, seed)
+    return {w for i in range(num) for w in ds.example(i).caption.split()}
+
+
+def one_token_each(tokenizer, words) -> list[str]:
+    """The words the tokenizer does not keep whole (it would split them into pieces the text encoder never saw)."""
+    return sorted(w for w in words if tokenizer.tokenize(w) != [w + "</w>"])
+
+
+def pick_data(data: str | None, sd: str, tokenizer) -> str:
+    """`data` (--data), or when it is None, the data the pipeline `sd` was trained on: scenes when its tokenizer
+    keeps every scenes caption word whole (the second tiny-sd), shapes otherwise (the first)."""
+    if data is not None:
+        return data
+    data = "shapes" if one_token_each(tokenizer, caption_vocabulary("scenes", 2_000, 0)) else "scenes"
+    print(f"--data {data}: the data --sd {sd} was trained on (its tokenizer "
+          f"{'lacks' if data == 'shapes' else 'has'} the scenes' words)")
+    return data
+
+
+def check_vocabulary(args, tokenizer) -> None:
+    """Refuse --data whose captions hold words the pipeline's tokenizer lacks (the first tiny-sd knows none of the
+    scenes' new words: they would be split into pieces it never saw)."""
+    lacking = one_token_each(tokenizer, caption_vocabulary(args.data, args.num_images, args.seed))
     if lacking:
-        raise CommandError(f"--data {args.data}: the captions use words that --sd {args.sd}'s tokenizer lacks "
+        raise CommandError(f"--data {args.data}: its captions use words that --sd {args.sd}'s tokenizer lacks "
                            f"({', '.join(lacking[:8])}{', ...' if len(lacking) > 8 else ''}). Train on the data "
                            f"that pipeline was trained on (--data shapes for the first tiny-sd, scenes for the second).")
+
+
+def new_network(kind: str, args, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder, tokenizer):
+    """The network that trains: --init's, or a new one for this tiny-sd. Either must fit the pipeline it will steer,
+    which the pipeline's own checks say (widths, the condition's shrinking = the VAE's factor)."""
+    factor = vae_factor(vae)                                                   # f = 8 (first tiny-sd) or 4
+    try:
+        if args.init:
+            net = (ControlNetModel if kind == "controlnet" else T2IAdapter).from_pretrained(args.init)
+        elif kind == "controlnet":
+            net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_widths(factor))
+        else:
+            net = make_adapter(unet, factor)
+        pipeline = StableDiffusionControlNetPipeline if kind == "controlnet" else StableDiffusionAdapterPipeline
+        pipeline(vae, text_encoder, tokenizer, unet, net, DDPMScheduler.from_config(SCHEDULER_CONFIG))
+    except (ValueError, OSError) as e:
+        raise CommandError(f"--init {args.init}: {e}" if args.init else str(e)) from e
+    return net
 
 
 def load_data(args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -159,18 +200,29 @@ def train(args, kind: str, command: list[str]):
     if sd_path is None:
         raise CommandError(f"--sd {args.sd}: expected a tiny-sd pipeline folder or the bundled name 'tiny-sd', "
                            "found neither. Check the path.")
+    lacking = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(sd_path, p))]
+    if lacking:
+        raise CommandError(f"--sd {args.sd}: expected a pipeline folder with unet/, vae/, text_encoder/ and "
+                           f"tokenizer/; {sd_path} has no {', '.join(p + '/' for p in lacking)}. Pass the folder a "
+                           "tiny-sd training run wrote, or 'tiny-sd'.")
     if not 0 <= args.caption_dropout <= 1:
         raise CommandError(f"--caption-dropout must be in [0, 1]; found {args.caption_dropout}.")
-    check_vocabulary(args, sd_path)
+    check_args(args, inputs={"--sd": sd_path, "--init": args.init})
+    # 0. before any work: the frozen tiny-sd (on the CPU for now), the data it reads, the network that will train
+    unet, vae, text_encoder, tokenizer = load_frozen_sd(sd_path, torch.device("cpu"))
+    args.data = pick_data(args.data, args.sd, tokenizer)
+    check_vocabulary(args, tokenizer)
+    net = new_network(kind, args, unet, vae, text_encoder, tokenizer)
     prepare_run_folder(args, inputs={"--sd": sd_path, "--init": args.init})
     with open(os.path.join(args.out, COMMAND_NAME), "a" if args.resume else "w") as f:    # each command of the run
         f.write("python -m minidiff.training " + " ".join([kind, *command]) + "\n")
     torch.manual_seed(args.seed)
 
-    # 1. the frozen tiny-sd, and the data: latents of the VAE, the objects' masks, the captions' token ids
-    unet, vae, text_encoder, tokenizer = load_frozen_sd(sd_path, device)
-    factor = vae_factor(vae)                                                   # f = 8 (first tiny-sd) or 4
-    images, masks, captions = load_data(args, device)               # (N, 3, 64, 64), (N, 1, 64, 64)
+    # 1. the data (drawn before any model is on the GPU: the drawing processes fork): latents of the VAE, the
+    #    objects' masks, the captions' token ids
+    images, masks, captions = load_data(args, device)                          # (N, 3, 64, 64), (N, 1, 64, 64)
+    for model in (unet, vae, text_encoder):
+        model.to(device)
     latent_mean, latent_std = encode_latents(vae, images)                      # (N, 4, 64/f, 64/f) each
     del images
     scaling_factor = vae.config.scaling_factor
@@ -179,13 +231,7 @@ def train(args, kind: str, command: list[str]):
     empty = tokenizer([""], padding="max_length", max_length=MODEL_MAX_LENGTH,
                       return_tensors="pt").input_ids.to(device)                # (1, 77)
 
-    # 2. the network that trains, and its EMA
-    if args.init:
-        net = (ControlNetModel if kind == "controlnet" else T2IAdapter).from_pretrained(args.init)
-    elif kind == "controlnet":
-        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_widths(factor))
-    else:
-        net = make_adapter(unet, factor)
+    # 2. the network that trains (made in step 0), and its EMA
     net = net.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
@@ -217,9 +263,11 @@ def train(args, kind: str, command: list[str]):
         eps = torch.randn(z0.shape, generator=generator, device=device)
         z_t = noise_schedule.add_noise(z0, eps, t)
         # 5. || eps - eps_theta(z_t, t, text | c) ||^2; gradients reach only the ControlNet / adapter
-        with torch.no_grad():
-            context = text_encoder(ids)[0]                                     # (B, 77, 64)
-        loss = F.mse_loss(predict_noise(kind, net, unet, z_t, t, context, condition), eps)
+        with autocast(device, args.bf16):
+            with torch.no_grad():
+                context = text_encoder(ids)[0]                                 # (B, 77, 64)
+            eps_pred = predict_noise(kind, net, unet, z_t, t, context, condition)
+        loss = F.mse_loss(eps_pred.float(), eps)
 
         optimizer_step(optimizer, loss, net.parameters())
         ema_update(ema, net, args.ema_decay)
@@ -237,9 +285,9 @@ def main(argv=None, kind: str = "controlnet") -> None:
     parser = argparse.ArgumentParser(prog=f"python -m minidiff.training {kind}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, steps=100_000, batch_size=32, lr=2e-4)
-    parser.set_defaults(num_images=5_000, warmup=100, save_every=250, ema_decay=0.995)
+    parser.set_defaults(num_images=5_000, warmup=100, save_every=250, ema_decay=0.995, data=None)  # data: --sd's
     parser.add_argument("--sd", default="tiny-sd", help="the frozen text-to-image pipeline folder (default: "
-                        "the bundled tiny-sd)")
+                        "the bundled tiny-sd); without --data, the data it was trained on")
     parser.add_argument("--caption-dropout", type=float, default=0.5, help="share of captions replaced by ''")
     command = sys.argv[1:] if argv is None else list(argv)
     run_command(parser, lambda args: train(args, kind, command), argv)

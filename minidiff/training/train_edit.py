@@ -21,11 +21,12 @@ concatenated to the noisy latents along the channels (Rombach et al. 2022, eq. 2
 
 The data: `scenes.py` scenes restricted to what tiny-sd knows: one object of the base shapes on a plain
 (white, gray, black) background. InstructPix2Pix trains on `scenes.edit_pair` (a colour, a shape or a position
-changed, and the instruction that asks for it); its instructions hold words tiny-sd's tokenizer lacks ("make",
-"turn", "into", "move", "to", "up", "down"), so the folder gets its own tokenizer (every word of
-`scenes.caption_words()` one token) and a text encoder whose token table has a row per new token: the rows of
-tokens tiny-sd knew are copied (by token, since the ids move), the new ones are random like the rest of
-tiny-sd's frozen random encoder. Depth2Image reads tiny-sd's captions and keeps its tokenizer and encoder.
+changed, and the instruction that asks for it). The folder gets its own tokenizer (every word of
+`scenes.caption_words()` one token) and a text encoder whose token table has a row per token: the rows of tokens
+tiny-sd knew are copied (by token, since the ids move). The first tiny-sd's tokenizer lacks the instructions'
+words ("make", "turn", "into", "move", "to", "up", "down"): their rows are new and random, like the rest of its
+frozen random encoder. The second tiny-sd was trained on scenes.py's words: every row is copied. Depth2Image
+reads tiny-sd's captions and keeps its tokenizer and encoder.
 Everything is encoded once up front (VAE latents, text embeddings); the loop only runs the UNet.
 
 The output is a whole pipeline folder in the hub's layout (timbrooks/instruct-pix2pix; stable-diffusion-2-depth
@@ -53,8 +54,8 @@ from ..core.compat import save_clip_text_encoder
 from ..core.hub import bundled_path
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers.ddpm import DDPMScheduler
-from .common import (CommandError, StepKeeper, add_common_args, ema_update, load_state, optimizer_step, pick_device,
-                     prepare_run_folder, run_command, write_json)
+from .common import (CommandError, StepKeeper, add_common_args, autocast, check_args, ema_update, load_state,
+                     optimizer_step, pick_device, prepare_run_folder, run_command, write_json)
 from .scenes import caption, caption_words, edit_pair, random_scene, render
 from .shapes import BACKGROUNDS as PLAIN_BACKGROUNDS
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
@@ -135,10 +136,10 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def depth_condition(depths, size: int = 8) -> torch.Tensor:
-    """(N, 64, 64) depth maps -> (N, 1, size, size) in [-1, 1] (size: the latents', 64 / the VAE's factor),
+def depth_condition(depths, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 64, 64) depth maps -> (N, 1, h, w) in [-1, 1] at the latents' size (h, w) = 64 / the VAE's factor,
     exactly as the pipeline prepares `depth_map=`."""
-    return StableDiffusionDepth2ImgPipeline.depth_channel(torch.as_tensor(np.asarray(depths)), (size, size))
+    return StableDiffusionDepth2ImgPipeline.depth_channel(torch.as_tensor(np.asarray(depths)), tuple(size))
 
 
 @torch.no_grad()
@@ -170,7 +171,7 @@ def prepare_data(kind: str, args, vae, tokenizer, text_encoder, device) -> dict:
         texts = [caption(s) for s in scenes]
         with torch.no_grad():
             mean, std = encode_latents(vae, to_tensor([d["image"] for d in drawn]).to(device))
-        extra = depth_condition([d["depth"] for d in drawn], mean.shape[-1]).to(device)   # (N, 1, h, w)
+        extra = depth_condition([d["depth"] for d in drawn], mean.shape[-2:]).to(device)  # (N, 1, h, w)
     context = embed(tokenizer, text_encoder, texts, device)                # (N, 77, D)
     print(f"drew and encoded {len(texts)} examples in {time.time() - start:.1f} s")
     return {"mean": mean, "std": std, "extra": extra, "context": context,
@@ -216,13 +217,32 @@ def tokenizer_and_encoder(kind: str, out: str, tokenizer, text_encoder, device):
         return None, tokenizer, text_encoder
     folder = os.path.join(out, "tokenizer")
     new_vocab = write_tokenizer(folder, caption_words())
-    lacking = [w for w in caption_words() if w + "</w>" not in tokenizer.get_vocab()]
-    print(f"tiny-sd's tokenizer lacks {lacking}: wrote a {len(new_vocab)}-token tokenizer to {folder}")
+    vocab = tokenizer.get_vocab()
+    lacking = [w for w in caption_words() if w + "</w>" not in vocab]
+    print(f"tiny-sd's tokenizer {f'lacks {lacking}' if lacking else 'has every word'}: wrote a {len(new_vocab)}-token "
+          f"tokenizer to {folder}")
     text_encoder = extend_text_encoder(text_encoder.cpu(), tokenizer.get_vocab(), new_vocab).to(device)
     return folder, CLIPTokenizer.from_pretrained(folder), text_encoder
 
 
 # --- training -------------------------------------------------------------------------------------
+def starting_unet(kind: str, args, base_unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """tiny-sd's UNet with a wider conv_in, or --init's (an earlier run's), which must be that UNet widened."""
+    if not args.init:
+        return widen_conv_in(base_unet, EXTRA_CHANNELS[kind])
+    unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet")
+    if unet.config.in_channels != 4 + EXTRA_CHANNELS[kind]:
+        raise CommandError(f"--init {args.init}: its UNet reads {unet.config.in_channels} channels; {kind} needs "
+                           f"{4 + EXTRA_CHANNELS[kind]}. Pass a folder written by this command.")
+    differ = [f"{k} {getattr(unet.config, k)!r} (--sd's: {getattr(base_unet.config, k)!r})"
+              for k in ("sample_size", "block_out_channels", "down_block_types", "cross_attention_dim")
+              if getattr(unet.config, k) != getattr(base_unet.config, k)]
+    if differ:
+        raise CommandError(f"--init {args.init}: its UNet was made from another tiny-sd than --sd {args.sd}: "
+                           f"{'; '.join(differ)}. Pass the --sd it was trained from, or a folder made from this one.")
+    return unet
+
+
 def train(args, kind: str, command: list[str]):
     device = pick_device(args.device)
     sd_path = args.sd if os.path.isdir(args.sd) else bundled_path(args.sd)
@@ -232,26 +252,23 @@ def train(args, kind: str, command: list[str]):
     if args.data != "scenes":
         raise CommandError(f"--data {args.data}: {kind} trains on scenes.py's one-object scenes (their edit pairs and "
                            "depth maps), which every tiny-sd knows; drop --data or pass --data scenes.")
+    check_args(args, inputs={"--sd": sd_path, "--init": args.init})
+    # 0. before any work: frozen tiny-sd (VAE, text encoder) and the UNet that will train, on the CPU for now
+    base_unet, vae, text_encoder, tokenizer = load_frozen_sd(sd_path, torch.device("cpu"))
+    unet = starting_unet(kind, args, base_unet)
+    del base_unet
     prepare_run_folder(args, inputs={"--sd": sd_path, "--init": args.init})
     with open(os.path.join(args.out, COMMAND_NAME), "a" if args.resume else "w") as f:
         f.write("python -m minidiff.training " + " ".join([kind, *command]) + "\n")
     torch.manual_seed(args.seed)
 
-    # 1. frozen tiny-sd (VAE, text encoder), the data encoded once
-    base_unet, vae, text_encoder, tokenizer = load_frozen_sd(sd_path, device)
+    # 1. the data encoded once
+    vae, text_encoder = vae.to(device), text_encoder.to(device)
     tokenizer_dir, tokenizer, text_encoder = tokenizer_and_encoder(kind, args.out, tokenizer, text_encoder, device)
     data = prepare_data(kind, args, vae, tokenizer, text_encoder, device)
     scaling_factor = vae.config.scaling_factor
 
-    # 2. the UNet that trains: tiny-sd's with a wider conv_in (or an earlier run's, --init), and its EMA
-    if args.init:
-        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet")
-        if unet.config.in_channels != 4 + EXTRA_CHANNELS[kind]:
-            raise CommandError(f"--init {args.init}: its UNet reads {unet.config.in_channels} channels; {kind} needs "
-                               f"{4 + EXTRA_CHANNELS[kind]}. Pass a folder written by this command.")
-    else:
-        unet = widen_conv_in(base_unet, EXTRA_CHANNELS[kind])
-    del base_unet
+    # 2. the UNet that trains (step 0), and its EMA
     unet = unet.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
@@ -282,7 +299,9 @@ def train(args, kind: str, command: list[str]):
         z_t = noise_schedule.add_noise(z0, eps, t)
         # 5. || eps - eps_theta([z_t ; extra], t, text) ||^2
         model_input = torch.cat([z_t, extra], dim=1)                             # (B, 4 + extra, h, w)
-        loss = F.mse_loss(unet(model_input, t, context).sample, eps)
+        with autocast(device, args.bf16):
+            eps_pred = unet(model_input, t, context).sample
+        loss = F.mse_loss(eps_pred.float(), eps)
 
         optimizer_step(optimizer, loss, unet.parameters())
         ema_update(ema, unet, args.ema_decay)
