@@ -81,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                    help="replace the model's own scheduler (built from its config)")
     p.add_argument("--height", type=int, default=None,
-                   help="pixels, a multiple of 8 (Stable Diffusion text-to-image only; default: the model's size)")
+                   help="pixels, a multiple of the VAE's factor (8 for SD; Stable Diffusion text-to-image only; "
+                        "default: the model's size)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--image", default=None, help="a starting image: image-to-image (Stable Diffusion only)")
     p.add_argument("--strength", type=float, default=None,
@@ -142,11 +143,6 @@ def check(args) -> Run:
         raise ValueError(f"--seed must be a whole number from 0 to 2**64 - --num-images; found {args.seed}.")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number (1 = no guidance, 7.5 is usual); found {args.guidance}.")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise ValueError(f"--{name} must be a positive multiple of 8 (the VAE turns 8x8 pixels into one latent); "
-                             f"found {value}. Try {max(8, round(value / 8) * 8)}.")
 
     # 2. The model's kind, from its model_index.json alone; what it would ignore is refused.
     cls, index_path = pipeline_class(args.model)
@@ -162,13 +158,19 @@ def check(args) -> Run:
                          "image at the model's own size; no text encoder, no VAE), which takes no "
                          f"{' or '.join(given)}. Drop {'it' if len(given) == 1 else 'them'}, or pass a Stable "
                          "Diffusion --model such as tiny-sd.")
+    f = vae_factor(index_path)                                      # pixels per latent: 8 for SD
     if not unconditional:
+        for name in ("height", "width"):
+            value = getattr(args, name)
+            if value is not None and (value < f or value % f):
+                raise ValueError(f"--{name} must be a positive multiple of {f} ({args.model}'s VAE turns {f}x{f} "
+                                 f"pixels into one latent); found {value}. Try {max(f, round(value / f) * f)}.")
         if args.strength is not None and args.image is None:
             raise ValueError(f"--strength {args.strength} given without --image: it is the fraction of the steps "
                              "run from the start image. Add --image START.png, or drop --strength.")
         if args.image is not None and (args.height is not None or args.width is not None):
             raise ValueError("--height/--width given with --image: image-to-image keeps the image's own size "
-                             "(rounded down to a multiple of 8). Resize the image instead, or drop --height/--width.")
+                             f"(rounded down to a multiple of {f}). Resize the image instead, or drop --height/--width.")
         args.prompt = SD_DEFAULTS["prompt"] if args.prompt is None else args.prompt
         args.guidance = SD_DEFAULTS["guidance"] if args.guidance is None else args.guidance
         if args.negative_prompt is not None and args.guidance <= 1:
@@ -185,7 +187,7 @@ def check(args) -> Run:
                                  f"{args.steps}) = 0 steps. Raise --strength or --steps.")
 
     # 3. The start image, the device, the out folder.
-    start_image = read_image(args.image) if args.image is not None else None
+    start_image = read_image(args.image, f) if args.image is not None else None
     device, dtype = pick_device(args.device, args.dtype)
     out, made_out = prepare_out(args)
     return Run(unconditional, device, dtype, start_image, out, made_out)
@@ -206,6 +208,15 @@ def pipeline_class(model: str) -> tuple[type, str]:
     return cls, index_path
 
 
+def vae_factor(index_path: str) -> int:
+    """Pixels per latent of the VAE beside model_index.json (vae/config.json): each of its down blocks but the last
+    halves H and W. 8 (SD's) when vae/ is not on disk yet (a hub repo: the pipeline checks sizes on loading)."""
+    path = os.path.join(os.path.dirname(index_path), "vae", "config.json")
+    if not os.path.isfile(path):
+        return 8
+    return 2 ** (len(read_json(path).get("block_out_channels", [128, 256, 512, 512])) - 1)  # the default: SD's
+
+
 def num_train_timesteps(index_path: str) -> int | None:
     """T of the scheduler_config.json beside model_index.json (in scheduler/, or at the root of a flat folder
     like google/ddpm-cat-256); None when it is not on disk yet (a hub repo: the scheduler checks it on loading)."""
@@ -217,8 +228,8 @@ def num_train_timesteps(index_path: str) -> int | None:
     return None
 
 
-def read_image(path: str) -> PIL.Image.Image:
-    """--image, read whole into memory as RGB."""
+def read_image(path: str, f: int = 8) -> PIL.Image.Image:
+    """--image, read whole into memory as RGB; at least f x f pixels (one latent of a factor-f VAE)."""
     if not os.path.isfile(path):
         found = "a folder" if os.path.isdir(path) else "nothing"
         raise FileNotFoundError(f"--image {path}: expected an image file, found {found} there. "
@@ -229,9 +240,9 @@ def read_image(path: str) -> PIL.Image.Image:
     except (OSError, PIL.Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"--image {path}: expected an image that PIL can open, found {type(e).__name__}: {e}. "
                          "Pass a PNG or JPEG.") from e
-    if min(image.size) < 8:
-        raise ValueError(f"--image {path} is {image.width}x{image.height} pixels; image-to-image needs at least 8x8 "
-                         "(the VAE turns 8x8 pixels into one latent). Pass a larger image.")
+    if min(image.size) < f:
+        raise ValueError(f"--image {path} is {image.width}x{image.height} pixels; image-to-image needs at least "
+                         f"{f}x{f} (the VAE turns {f}x{f} pixels into one latent). Pass a larger image.")
     return image
 
 

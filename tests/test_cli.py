@@ -2,8 +2,10 @@
 in a folder of its own, nothing on disk written over, and every bad input refused in one line before any model
 is loaded."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -15,6 +17,7 @@ import torch
 
 import minidiff
 from conftest import REFERENCE, REPO
+from minidiff.checkpoints import TINY_SD
 from fake_checkpoints import make_fake_ddpm_cat, make_fake_sd
 import minidiff.__main__ as cli
 from minidiff.__main__ import SCHEDULERS, main, parse_args
@@ -195,8 +198,11 @@ BAD_INPUTS = [
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--guidance", "nan"], "--guidance must be a finite number (1 = no guidance, 7.5 is usual); found nan"),
     (["--guidance", "inf"], "--guidance must be a finite number"),
-    (["--height", "30"], "--height must be a positive multiple of 8 (the VAE turns 8x8 pixels into one latent); "
-                         "found 30. Try 32"),
+    (["--height", "30"], "--height must be a positive multiple of 8 (tiny-sd's VAE turns 8x8 pixels into one "
+                         "latent); found 30. Try 32"),
+    (["--model", "{tmp}/factor-4", "--height", "30"], "--height must be a positive multiple of 4 ({tmp}/factor-4's "
+                                                       "VAE turns 4x4 pixels into one latent); found 30. Try 32"),
+    (["--model", "{tmp}/factor-4", "--image", "{tmp}/tinier.png"], "is 2x3 pixels; image-to-image needs at least 4x4"),
     (["--width", "0"], "--width must be a positive multiple of 8"),
     (["--model", "tiny-ddpm", "--prompt", "a cat"], "--prompt given, but tiny-ddpm is an unconditional DDPMPipeline"),
     (["--model", "tiny-ddpm", "--prompt", "a red circle"], "--prompt given, but tiny-ddpm"),   # even the old default
@@ -230,6 +236,12 @@ def test_bad_input_is_one_line_before_any_loading(tmp_path, monkeypatch, capsys,
     monkeypatch.chdir(tmp_path)  # the default out folder would be made here
     PIL.Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)).save(tmp_path / "start.png")
     PIL.Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "tiny.png")
+    PIL.Image.fromarray(np.zeros((3, 2, 3), dtype=np.uint8)).save(tmp_path / "tinier.png")
+    # a pipeline folder whose VAE has 3 blocks (factor 4, the second tiny-sd's): model_index and configs only
+    shutil.copytree(TINY_SD, tmp_path / "factor-4", ignore=shutil.ignore_patterns("*.safetensors", "*.png", "*.md"))
+    vae_config = json.loads((tmp_path / "factor-4" / "vae" / "config.json").read_text())
+    vae_config["block_out_channels"] = vae_config["block_out_channels"][:3]
+    (tmp_path / "factor-4" / "vae" / "config.json").write_text(json.dumps(vae_config))
     (tmp_path / "not-an-image.png").write_text("not a PNG")
     (tmp_path / "a-file").write_text("")
     (tmp_path / "earlier").mkdir()
