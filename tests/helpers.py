@@ -1,6 +1,8 @@
 """Plain helpers shared by the tests: random weights, error measures, seeds, loading pipelines quietly, images."""
 
+import json
 import math
+import os
 import warnings
 
 import numpy as np
@@ -11,6 +13,13 @@ from torch import nn
 
 import minidiff
 from minidiff.checkpoints import TINY_SD
+
+
+def tiny_sd_sizes(folder: str = TINY_SD) -> tuple[int, int]:
+    """(f, h) of a tiny-sd folder, read from its configs: pixels per latent (the VAE's factor: 8 for the first
+    tiny-sd, 4 for the second) and the UNet's latent side (64 // f)."""
+    with open(os.path.join(folder, "vae", "config.json")) as vae, open(os.path.join(folder, "unet", "config.json")) as unet:
+        return 2 ** (len(json.load(vae)["block_out_channels"]) - 1), json.load(unet)["sample_size"]
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 
 import minidiff
 import minidiff.pipelines.base
-from helpers import gen, load_minidiff, quiet
+from helpers import gen, load_minidiff, quiet, tiny_sd_sizes
 from huggingface_hub.errors import LocalEntryNotFoundError
 from minidiff.checkpoints import TINY_SD
 from minidiff.pipelines.checks import FiniteWatch
@@ -26,11 +26,12 @@ from minidiff.pipelines.checks import FiniteWatch
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = dict(num_inference_steps=2)
 NAN, INF = float("nan"), float("inf")
+F, H = tiny_sd_sizes()          # tiny-sd's pixels per latent and latent side: 8 and 8 (first edition), 4 and 16
 
 
 @pytest.fixture(scope="module")
 def sd():
-    return load_minidiff(minidiff.DiffusionPipeline)                   # tiny-sd: 64x64 images, (1, 4, 8, 8) latents
+    return load_minidiff(minidiff.DiffusionPipeline)                   # tiny-sd: 64x64 images, (1, 4, H, H) latents
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +128,9 @@ def test_a_gpu_checks_the_steps_once_after_the_loop(sd, monkeypatch):
 
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
 def test_non_finite_inputs_are_refused_before_any_work(sd, img2img, model_calls, value):
-    latents = torch.randn(1, 4, 8, 8)
+    latents = torch.randn(1, 4, H, H)
     latents[0, 0, 0, 0] = value
-    with pytest.raises(ValueError, match="latents holds 1 non-finite values .* out of 256"):
+    with pytest.raises(ValueError, match=f"latents holds 1 non-finite values .* out of {4 * H * H}"):
         sd("a cat", latents=latents, **STEPS)
     with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
         sd("a cat", guidance_scale=value, **STEPS)
@@ -159,18 +160,18 @@ def test_non_finite_inputs_to_the_controlled_pipelines(sd):
         inpaint("a cat", image=torch.rand(3, 64, 64), mask_image=torch.ones(1, 64, 64), num_images_per_prompt=0,
                 **STEPS)
     diffedit = quiet(minidiff.StableDiffusionDiffEditPipeline(**sd.components))
-    inverted = torch.randn(1, 1, 4, 8, 8)
+    inverted = torch.randn(1, 1, 4, H, H)
     inverted[0, 0, 0, 0, 0] = NAN
     with pytest.raises(ValueError, match="image_latents holds 1 non-finite"):
-        diffedit("a cat", mask_image=torch.ones(8, 8), image_latents=inverted, inpaint_strength=0.5, **STEPS)
+        diffedit("a cat", mask_image=torch.ones(H, H), image_latents=inverted, inpaint_strength=0.5, **STEPS)
     with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
-        diffedit("a cat", mask_image=torch.ones(8, 8), image_latents=inverted.nan_to_num(), inpaint_strength=0.5,
+        diffedit("a cat", mask_image=torch.ones(H, H), image_latents=inverted.nan_to_num(), inpaint_strength=0.5,
                  guidance_scale=NAN, **STEPS)
     for cls in (minidiff.StableDiffusionSAGPipeline, minidiff.SemanticStableDiffusionPipeline,
                 minidiff.StableDiffusionPanoramaPipeline):
         with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
             quiet(cls(**sd.components))("a cat", guidance_scale=NAN, **STEPS)
-    with pytest.raises(ValueError, match="positive multiples of 8.*height=0"):        # 0 was taken as "default"
+    with pytest.raises(ValueError, match=f"positive multiples of {F}.*height=0"):        # 0 was taken as "default"
         quiet(minidiff.StableDiffusionPanoramaPipeline(**sd.components))("a cat", height=0, **STEPS)
     with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1"):
         quiet(minidiff.StableDiffusionAttendAndExcitePipeline(**sd.components))("a cat", token_indices=[2],
@@ -191,14 +192,14 @@ SD_BAD_NUMBERS = [
     (dict(num_images_per_prompt=1.5), ValueError, "num_images_per_prompt .* must be an int >= 1"),
     (dict(guidance_scale="7.5"), TypeError, "guidance_scale must be a number.*found str"),
     (dict(guidance_scale=None), TypeError, "guidance_scale must be a number.*found NoneType"),
-    (dict(height=0), ValueError, "height and width must be positive multiples of 8.*height=0"),
-    (dict(width=-64), ValueError, "height and width must be positive multiples of 8.*width=-64"),
-    (dict(height=60), ValueError, "multiples of 8.*height=60"),
-    (dict(width=64.0), ValueError, "multiples of 8.*width=64.0"),
-    (dict(latents=torch.randn(1, 4, 16, 16)), ValueError, r"latents must have shape \(1, 4, 8, 8\) for 1 images of "
-                                                          r"64x64; found \(1, 4, 16, 16\)"),
-    (dict(latents=torch.ones(1, 4, 8, 8, dtype=torch.int64)), TypeError, "floating-point tensor.*torch.int64"),
-    (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), TypeError, "latents must be a torch.Tensor.*found ndarray"),
+    (dict(height=0), ValueError, f"height and width must be positive multiples of {F}.*height=0"),
+    (dict(width=-64), ValueError, f"height and width must be positive multiples of {F}.*width=-64"),
+    (dict(height=62), ValueError, f"multiples of {F}.*height=62"),
+    (dict(width=64.0), ValueError, f"multiples of {F}.*width=64.0"),
+    (dict(latents=torch.randn(1, 4, 2 * H, 2 * H)), ValueError,
+     rf"latents must have shape \(1, 4, {H}, {H}\) for 1 images of 64x64; found \(1, 4, {2 * H}, {2 * H}\)"),
+    (dict(latents=torch.ones(1, 4, H, H, dtype=torch.int64)), TypeError, "floating-point tensor.*torch.int64"),
+    (dict(latents=np.zeros((1, 4, H, H), np.float32)), TypeError, "latents must be a torch.Tensor.*found ndarray"),
 ]
 
 
@@ -226,8 +227,8 @@ def test_img2img_strength_in_0_1(img2img, model_calls, strength):
 
 def test_img2img_counts(img2img, model_calls):
     image = torch.rand(3, 64, 64)
-    with pytest.raises(ValueError, match="The image is 7x5 pixels; the VAE needs at least 8x8"):
-        img2img("a cat", image=PIL.Image.new("RGB", (7, 5)), **STEPS)
+    with pytest.raises(ValueError, match=f"The image is {F - 1}x{F - 3} pixels; the VAE needs at least {F}x{F}"):
+        img2img("a cat", image=PIL.Image.new("RGB", (F - 1, F - 3)), **STEPS)
     with pytest.raises(TypeError, match="callback must be a function"):
         img2img("a cat", image=image, callback=0, **STEPS)
     with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1"):
@@ -248,7 +249,7 @@ def test_a_one_element_tensor_guidance_scale_still_works(sd):
 def test_float64_latents_are_cast_not_a_crash(sd):
     """float64 latents (from numpy) crashed deep in torch; they are cast to the pipeline's dtype, so the image
     equals the one made from the same latents in float32."""
-    latents = torch.randn(1, 4, 8, 8, generator=gen(0), dtype=torch.float64)
+    latents = torch.randn(1, 4, H, H, generator=gen(0), dtype=torch.float64)
     from64 = sd("a cat", latents=latents, output_type="np", **STEPS).images
     from32 = sd("a cat", latents=latents.float(), output_type="np", **STEPS).images
     np.testing.assert_array_equal(from64, from32)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import minidiff
-from helpers import gen, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, to_uint8
+from helpers import gen, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, tiny_sd_sizes, to_uint8
 from minidiff.control.diffedit import StableDiffusionDiffEditPipeline
 from minidiff.control.inversion import relative_error
 from minidiff.training import evaluate
@@ -18,6 +18,7 @@ PIXEL = 1 / 255
 SOURCE, TARGET = "a red circle", "a blue circle"
 SETTINGS = dict(num_inference_steps=20, guidance_scale=3.0)
 
+F_, H = tiny_sd_sizes()     # tiny-sd's pixels per latent and latent side (8 and 8, or 4 and 16)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -55,7 +56,7 @@ def edit(pipes, image):
 
 def test_mask_equals_diffusers(edit):
     ours, theirs = edit
-    assert ours["mask"].shape == theirs["mask"].shape == (1, 8, 8)
+    assert ours["mask"].shape == theirs["mask"].shape == (1, H, H)
     assert np.array_equal(ours["mask"], theirs["mask"])
     assert 0 < ours["mask"].mean() < 0.5     # some of the image, not all of it
 
@@ -70,12 +71,12 @@ def test_mask_without_guidance(pipes, image, edit):
     assert (mask * guided).sum() >= 0.5 * guided.sum()
     same = pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=SOURCE, num_maps_per_mask=2,
                               generator=gen(1), num_inference_steps=10, guidance_scale=1.0, output_type="pt")
-    assert same.shape == (1, 8, 8) and same.sum() == 0
+    assert same.shape == (1, H, H) and same.sum() == 0
 
 
 def test_invert_equals_diffusers(edit):
     ours, theirs = edit
-    assert ours["latents"].shape == theirs["latents"].shape == (1, 16, 4, 8, 8)   # int(0.8 · 20) steps
+    assert ours["latents"].shape == theirs["latents"].shape == (1, 16, 4, H, H)   # int(0.8 · 20) steps
     assert relative_error(ours["latents"], theirs["latents"]) < 1e-5
 
 
@@ -83,7 +84,7 @@ def test_full_strength_inversion_and_decoded_latents_equal_diffusers(pipes, imag
     ours, theirs = (pipe.invert(prompt=SOURCE, image=image, inpaint_strength=1.0, generator=gen(5),
                                 decode_latents=True, output_type="np", num_inference_steps=6, guidance_scale=1.0)
                     for pipe in pipes)
-    assert ours.latents.shape == (1, 6, 4, 8, 8)
+    assert ours.latents.shape == (1, 6, 4, H, H)
     assert relative_error(ours.latents, theirs.latents) < 1e-5
     assert ours.images.shape == (6, 64, 64, 3)
     assert max_pixel_diff(ours.images, theirs.images) <= 2 * PIXEL
@@ -99,12 +100,12 @@ def test_an_empty_mask_gives_back_the_inverted_start(pipes, edit):
     """Mechanism: with M = 0 every step puts the inverted latents back, so the result is the least noisy of them."""
     ours = pipes[0]
     latents = edit[0]["latents"]
-    out = ours(prompt=TARGET, mask_image=np.zeros((8, 8)), image_latents=latents, output_type="latent",
+    out = ours(prompt=TARGET, mask_image=np.zeros((H, H)), image_latents=latents, output_type="latent",
                return_intermediates=True, **SETTINGS)
     assert torch.equal(out.images, latents[:, -1])
     assert len(out.intermediates.latents) == 16
     # diffusers also takes the latents flattened to (B·N, 4, h, w)
-    flat = ours(prompt=TARGET, mask_image=np.zeros((8, 8)), image_latents=latents[0], output_type="latent", **SETTINGS)
+    flat = ours(prompt=TARGET, mask_image=np.zeros((H, H)), image_latents=latents[0], output_type="latent", **SETTINGS)
     assert torch.equal(flat.images, out.images)
 
 
@@ -113,7 +114,7 @@ def test_the_edit_changes_the_circle_and_keeps_the_background(edit, image):
     before, after = image, torch.from_numpy(ours["images"]).permute(0, 3, 1, 2)       # (1, 3, 64, 64)
     assert evaluate.analyse(to_uint8(after)).color == "blue"
     assert evaluate.analyse(to_uint8(after)).shape == "circle"
-    mask = F.interpolate(torch.from_numpy(ours["mask"])[None], scale_factor=8)[0, 0]   # (8, 8) -> (64, 64)
+    mask = F.interpolate(torch.from_numpy(ours["mask"])[None], scale_factor=F_)[0, 0]  # (H, H) -> (64, 64)
     change = (after - before).abs().mean(dim=1)[0]                                     # (64, 64)
     inside = (change * mask).sum() / mask.sum()
     outside = (change * (1 - mask)).sum() / (1 - mask).sum()
@@ -123,7 +124,7 @@ def test_the_edit_changes_the_circle_and_keeps_the_background(edit, image):
 def test_errors(pipes, image, edit):
     pipe = pipes[0]
     mask, latents = edit[0]["mask"], edit[0]["latents"]
-    with pytest.raises(ValueError, match="mask_image must be 8x8"):
+    with pytest.raises(ValueError, match=f"mask_image must be {H}x{H}"):
         pipe(prompt=TARGET, mask_image=np.ones((64, 64)), image_latents=latents, **SETTINGS)
     with pytest.raises(ValueError, match=r"mask_image must hold values in \[0, 1\]"):
         pipe(prompt=TARGET, mask_image=mask * 255, image_latents=latents, **SETTINGS)
@@ -141,10 +142,10 @@ def test_errors(pipes, image, edit):
         with pytest.raises(ValueError, match=r"mask_encode_strength must be a number in \(0, 1\]"):
             pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=TARGET,
                                mask_encode_strength=strength, **SETTINGS)
-    with pytest.raises(ValueError, match="multiples of 8"):
-        pipe.generate_mask(image=image[..., :60], source_prompt=SOURCE, target_prompt=TARGET, **SETTINGS)
-    with pytest.raises(ValueError, match="multiples of 8"):
-        pipe.invert(prompt=SOURCE, image=image[..., :60], **SETTINGS)
+    with pytest.raises(ValueError, match=f"multiples of {F_}"):                    # 62: a multiple of neither 8 nor 4
+        pipe.generate_mask(image=image[..., :62], source_prompt=SOURCE, target_prompt=TARGET, **SETTINGS)
+    with pytest.raises(ValueError, match=f"multiples of {F_}"):
+        pipe.invert(prompt=SOURCE, image=image[..., :62], **SETTINGS)
     with pytest.raises(ValueError, match="2 target prompts and 1 source prompts"):
         pipe.generate_mask(image=image, source_prompt=SOURCE, target_prompt=[TARGET, TARGET], **SETTINGS)
     with pytest.raises(ValueError, match="mask_thresholding_ratio must be a positive number"):

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import minidiff
-from helpers import as_tensor, gens, load_diffusers, load_minidiff, max_pixel_diff, quiet
+from helpers import as_tensor, gens, load_diffusers, load_minidiff, max_pixel_diff, quiet, tiny_sd_sizes
 from minidiff.control.inpaint import StableDiffusionInpaintPipeline
 
 PIXEL = 2 / 255
 
+F, H = tiny_sd_sizes()          # tiny-sd's pixels per latent and latent side: 8 and 8, or 4 and 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -84,12 +85,13 @@ def test_the_kept_region_is_the_noised_image_latent_at_every_step(pipes):
         z0 = ours.vae.encode(ours.preprocess(image)).latent_dist.sample(g) * ours.vae.config.scaling_factor
     noise = torch.randn(z0.shape, generator=g)
     timesteps = out.intermediates.timesteps
-    outside = torch.ones(8, 8, dtype=torch.bool)
-    outside[:5, :5] = False                               # the mask's 40x40 pixels are 5x5 latents
+    k = 40 // F                                           # the mask's 40x40 pixels are k x k latents
+    outside = torch.ones(H, H, dtype=torch.bool)
+    outside[:k, :k] = False
     for i, latents in enumerate(out.intermediates.latents):
         known = z0 if i == len(timesteps) - 1 else ours.scheduler.add_noise(z0, noise, timesteps[i + 1][None])
         assert torch.allclose(latents[..., outside], known[..., outside], atol=1e-6)
-        assert not torch.allclose(latents[..., :5, :5], known[..., :5, :5], atol=1e-2)   # inside: the model's
+        assert not torch.allclose(latents[..., :k, :k], known[..., :k, :k], atol=1e-2)   # inside: the model's
     assert torch.equal(out.images[..., outside], z0[..., outside])
 
 

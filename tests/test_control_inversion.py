@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minidiff
-from helpers import gen, load_minidiff, to_uint8
+from helpers import gen, load_minidiff, tiny_sd_sizes, to_uint8
 from minidiff.checkpoints import TINY_SD
 from minidiff.control.inversion import ddim_invert, relative_error
 from minidiff.schedulers.ddim_inverse import DDIMInverseScheduler
@@ -26,6 +26,7 @@ CONFIGS = {
     "set_alpha_to_one": dict(SD_PNDM_CONFIG, set_alpha_to_one=True),
 }
 
+F, _ = tiny_sd_sizes()          # tiny-sd's pixels per latent: 8 (first edition) or 4 (second)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -154,8 +155,8 @@ def test_ddim_invert_errors(pipe, generated):
         ddim_invert(pipe, PROMPT, latents=z0, num_inference_steps=4, strength=0.2)
     with pytest.raises(ValueError, match=r"latents must be \(B, 4, h, w\)"):
         ddim_invert(pipe, PROMPT, latents=z0[0])
-    odd = PIL.Image.new("RGB", (60, 64))
-    with pytest.raises(ValueError, match="60x64 pixels.*multiples of 8"):
+    odd = PIL.Image.new("RGB", (62, 64))                                        # 62: a multiple of neither 8 nor 4
+    with pytest.raises(ValueError, match=f"62x64 pixels.*multiples of {F}"):
         ddim_invert(pipe, PROMPT, image=odd)
-    with pytest.raises(ValueError, match="multiples of 8"):
-        ddim_invert(pipe, PROMPT, image=torch.rand(1, 3, 60, 64))
+    with pytest.raises(ValueError, match=f"multiples of {F}"):
+        ddim_invert(pipe, PROMPT, image=torch.rand(1, 3, 62, 64))

@@ -12,8 +12,10 @@ import torch
 
 import minidiff
 from fake_checkpoints import make_fake_sd
-from helpers import gen, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, rel_err
+from helpers import gen, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, rel_err, tiny_sd_sizes
 from minidiff.control.panorama import StableDiffusionPanoramaPipeline
+
+F, H = tiny_sd_sizes()          # tiny-sd's pixels per latent and latent side (= its window): 8 and 8, or 4 and 16
 
 PIXEL = 2 / 255  # the bound on the largest pixel difference (images in [0, 1])
 # A UNet that works on 64 x 64 latents (SD v1's window), small enough for a CPU.
@@ -86,7 +88,7 @@ def test_wide_image_and_its_steps(tiny):
     image = out.images[0]                                              # (64, 192, 3)
     assert image.shape == (64, 192, 3)
     assert len(out.intermediates.latents) == len(tiny.scheduler.timesteps)
-    assert out.intermediates.latents[-1].shape == (1, 4, 8, 24)
+    assert out.intermediates.latents[-1].shape == (1, 4, H, 3 * H)
     # Foreground: pixels far from the background colour (the median). Objects: runs of columns with foreground.
     background = np.median(image.reshape(-1, 3), axis=0)
     foreground = np.abs(image - background).sum(axis=-1) > 0.3          # (64, 192)
@@ -100,11 +102,11 @@ def test_wide_image_and_its_steps(tiny):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(width=56), "at least one window"),
     (dict(height=48, width=128), "at least one window"),
-    (dict(width=100), "multiples of 8"),
+    (dict(width=102), f"multiples of {F}"),                               # of neither 8 nor 4
     (dict(width=192, stride=3), "do not tile the width"),
     (dict(width=192, stride=5, circular_padding=True), "do not tile the width"),
     (dict(stride=0), "stride must be an integer"),
-    (dict(stride=9), "stride must be an integer"),
+    (dict(stride=H + 1), "stride must be an integer"),                    # larger than the window
     (dict(view_batch_size=0), "view_batch_size"),
 ])
 def test_bad_input(tiny, kwargs, match):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minidiff
-from helpers import gen, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline
+from helpers import gen, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, tiny_sd_sizes
 from minidiff.checkpoints import TINY_SD
 from minidiff.control.inversion import relative_error
 from minidiff.control.pix2pix_zero import StableDiffusionPix2PixZeroPipeline
@@ -16,6 +16,7 @@ from minidiff.training import evaluate
 SOURCE = ["a red circle", "a red square", "a red triangle", "a red diamond"]
 TARGET = [s.replace("red", "blue") for s in SOURCE]
 
+F, H = tiny_sd_sizes()          # tiny-sd's pixels per latent and latent side: 8 and 8, or 4 and 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -89,7 +90,7 @@ def test_guidance_pulls_the_maps_towards_the_reference(pipe, embeds):
     free = edit(pipe, src, tgt, 0.0, return_intermediates=True)
     guided = edit(pipe, src, tgt, 30.0, return_intermediates=True)
     assert len(guided.attention_loss) == len(guided.source_maps) == len(guided.edited_maps) == 10
-    assert guided.edited_maps[0].shape == (1, 77, 8, 8)
+    assert guided.edited_maps[0].shape == (1, 77, H, H)
     assert guided.attention_loss[0] == pytest.approx(free.attention_loss[0])   # before the first step: the same
     assert sum(guided.attention_loss) < sum(free.attention_loss)
     assert len(guided.intermediates.latents) == len(guided.source_intermediates.latents) == 10
@@ -120,8 +121,8 @@ def test_bad_inputs_are_explained(pipe, embeds):
         edit(pipe, src, None, 0.1)
     with pytest.raises(ValueError, match="cross_attention_guidance_amount must be a number >= 0"):
         edit(pipe, src, tgt, -1.0)
-    with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 8, 8\)"):
-        edit(pipe, src, tgt, 0.1, latents=torch.randn(1, 4, 16, 16))
+    with pytest.raises(ValueError, match=rf"latents must have shape \(1, 4, {H}, {H}\)"):
+        edit(pipe, src, tgt, 0.1, latents=torch.randn(1, 4, 2 * H, 2 * H))
     with pytest.raises(TypeError, match="captions must be a string or a non-empty list"):
         pipe.get_embeds([])
     image = torch.rand(1, 3, 64, 64)

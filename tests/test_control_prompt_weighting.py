@@ -79,8 +79,16 @@ def test_a_weight_scales_its_row_then_the_mean_is_restored(pipes):
     scale = E.mean() / (E * w[None, :, None]).mean()
     assert torch.allclose(out[0, 2], 1.8 * scale * E[0, 2]) and torch.allclose(out[0, 5], scale * E[0, 5])
     assert torch.allclose(out.mean(), E.mean())
-    # tiny-sd's random text encoder ends in a LayerNorm without bias: every row has mean 0, nothing to restore
-    assert torch.equal(weighted_prompt_embeddings(ours, "a (red:1.8) circle"), weighted)
+    # renormalize=True (the default) is that rescale of the encoder's own embeddings
+    renormalised = weighted_prompt_embeddings(ours, "a (red:1.8) circle")
+    plain_rows = plain(ours, "a red circle")
+    torch.testing.assert_close(renormalised, apply_token_weights(plain_rows, w))
+    if plain_rows.mean().abs() <= 1e-4 * plain_rows.abs().mean():
+        # the first tiny-sd's random text encoder ends in a LayerNorm without bias: every row has mean 0, nothing
+        # to restore
+        assert torch.equal(renormalised, weighted)
+    else:
+        assert not torch.allclose(renormalised, weighted)
 
 
 def test_blends(pipes):

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import minidiff
-from helpers import gen, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, quiet, rel_err
+from helpers import gen, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, quiet, rel_err, tiny_sd_sizes
 from minidiff.control.sag import StableDiffusionSAGPipeline, gaussian_blur_2d, sag_mask
 
 STEPS = 15
 PROMPTS = ["a red circle", "a small blue square at the top left"]
 SEEDS = range(len(PROMPTS))
 
+F, _ = tiny_sd_sizes()          # tiny-sd's pixels per latent: 8 (first edition) or 4 (second)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -98,8 +99,8 @@ def test_masks_are_recorded_per_step(ours):
 
 @pytest.mark.parametrize("bad, error, message", [
     (dict(sag_scale=-0.5), ValueError, "sag_scale must be a number >= 0"),
-    (dict(height=32, width=32), ValueError, "at least 40 pixels a side"),
-    (dict(height=60), ValueError, "multiples of 8"),
+    (dict(height=4 * F, width=4 * F), ValueError, f"at least {5 * F} pixels a side"),   # 4 latents: the blur needs 5
+    (dict(height=62), ValueError, f"multiples of {F}"),
 ])
 def test_bad_arguments_are_refused(ours, bad, error, message):
     with pytest.raises(error, match=message):

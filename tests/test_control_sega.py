@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import colour_share, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, rel_err
+from helpers import colour_share, gens, load_diffusers, load_minidiff, max_pixel_diff, plain_pipeline, rel_err, tiny_sd_sizes
 from minidiff.control.sega import SemanticStableDiffusionPipeline
 
 STEPS, GUIDANCE = 15, 3.0
@@ -18,6 +18,7 @@ TWO_CONCEPTS = dict(editing_prompt=["blue", "red"], reverse_editing_direction=[F
                     edit_guidance_scale=[4.0, 3.0], edit_warmup_steps=[2, 5], edit_cooldown_steps=[15, 12],
                     edit_threshold=[0.8, 0.7], edit_weights=[1.0, 0.5], edit_momentum_scale=0.3, edit_mom_beta=0.6)
 
+F, H = tiny_sd_sizes()          # tiny-sd's pixels per latent and latent side: 8 and 8, or 4 and 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -77,14 +78,14 @@ def test_per_step_guidance_warm_up_and_threshold(ours):
                edit_warmup_steps=warmup, edit_threshold=threshold, edit_momentum_scale=0.0)
     num_steps = len(ours.scheduler.timesteps)
     assert len(out.edit_guidance) == len(out.concept_guidance) == num_steps
-    assert out.concept_guidance[0].shape == (2, 2, 4, 8, 8)                       # (C, B, 4, h, w)
+    assert out.concept_guidance[0].shape == (2, 2, 4, H, H)                       # (C, B, 4, h, w)
     assert all(g.abs().max() == 0 for g in out.edit_guidance[:warmup])          # nothing during warm-up
     assert all(g.abs().max() > 0 for g in out.edit_guidance[warmup:])
     # Without momentum and with weights 1, the edit term is the sum of the concepts' terms.
     torch.testing.assert_close(out.edit_guidance[-1], out.concept_guidance[-1].sum(0))
-    # Each concept edits the top (1 - λ) of the 8 x 8 values of every image and channel: 16 of 64.
+    # Each concept edits the top (1 - λ) of the H x H values of every image and channel: 16 of 64 at 8 x 8.
     kept = (out.concept_guidance[-1] != 0).flatten(3).sum(-1)                    # (C, B, 4)
-    assert (kept == round((1 - threshold) * 64)).all(), kept
+    assert (kept == round((1 - threshold) * H * H)).all(), kept
 
 
 @pytest.mark.parametrize("bad, message", [

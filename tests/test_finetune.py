@@ -108,7 +108,7 @@ def test_dreambooth_lora_with_prior_trains_only_the_adapters(tmp_path, base):
                        "--num-class-images", "2", "--lr", "1e-2")
     layers = [m for m in pipe.unet.modules() if isinstance(m, LoRALayer)]
     blocks = [name for name, _ in pipe.unet.named_modules() if name.endswith(".attn1")]
-    assert len(blocks) == 4 and len(layers) == 4 * 2 * len(blocks)    # q, k, v, out of attn1 and attn2 per block
+    assert len(blocks) >= 4 and len(layers) == 4 * 2 * len(blocks)   # q, k, v, out of attn1 and attn2 per block
     assert all(layer.adapters["default_0"].up.weight.abs().sum() > 0 for layer in layers)  # up started at 0
     assert not changed(base["unet"], pipe.unet) and not changed(base["vae"], pipe.vae)
     assert not changed(base["text_encoder"], pipe.text_encoder)   # the rare word is a fixed row

@@ -13,11 +13,14 @@ import minidiff
 from helpers import gen, gens, load_minidiff, max_pixel_diff, quiet
 from minidiff.checkpoints import TINY_DDPM, TINY_SD
 from minidiff.models.modeling import rename_legacy_keys
-from minidiff.training import evaluate
+from minidiff.training import evaluate, scenes
 from minidiff.training.shapes import ShapesDataset, to_model_range
 from minidiff.training.tokenizer import write_tokenizer
 
 MB = 1024 * 1024
+VAE_CONFIG = json.load(open(os.path.join(TINY_SD, "vae", "config.json")))
+F = 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)   # pixels per latent: 8 (first tiny-sd) or 4 (second)
+SCENES = F == 4                                        # the second tiny-sd was trained on scenes.py's data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +39,7 @@ def files_under(folder):
 def test_bundled_folders_are_small_and_safetensors():
     files = files_under(TINY_SD) + files_under(TINY_DDPM)
     total = sum(os.path.getsize(f) for f in files)
-    assert total < 25 * MB, f"{total / MB:.1f} MB"
+    assert total < 35 * MB, f"{total / MB:.1f} MB"                  # the second edition: about 31 MB
     weights = [f for f in files if f.endswith((".safetensors", ".bin", ".pt", ".ckpt"))]
     assert weights and all(f.endswith(".safetensors") for f in weights), weights
     for folder, parts in ((TINY_SD, ("unet", "vae", "text_encoder", "tokenizer", "scheduler")),
@@ -58,7 +61,7 @@ def test_components_load_by_bare_name():
     text_encoder = CLIPTextModel.from_pretrained(TINY_SD, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(TINY_SD, subfolder="tokenizer")
     assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
-    assert unet.config.sample_size * 8 == vae.config.sample_size == 64
+    assert unet.config.sample_size * F == vae.config.sample_size == 64
     assert text_encoder.config.vocab_size == len(tokenizer) and tokenizer.model_max_length == 77
     assert text_encoder.config.eos_token_id == tokenizer.eos_token_id
     assert scheduler.config.beta_schedule == "scaled_linear"
@@ -69,7 +72,7 @@ def test_components_load_by_bare_name():
 
 
 def test_tokenizer_files_are_what_the_script_writes(tmp_path):
-    write_tokenizer(str(tmp_path))
+    write_tokenizer(str(tmp_path), scenes.caption_words() if SCENES else None)    # its data's words
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         with open(os.path.join(TINY_SD, "tokenizer", name), encoding="utf-8") as bundled:
             assert bundled.read() == (tmp_path / name).read_text(encoding="utf-8"), name
@@ -77,8 +80,10 @@ def test_tokenizer_files_are_what_the_script_writes(tmp_path):
 
 def test_vae_reconstructs_and_its_scaling_factor_was_measured():
     vae = minidiff.AutoencoderKL.from_pretrained("tiny-sd", subfolder="vae")
-    images, _ = ShapesDataset(128, seed=2024).tensors()
-    x = to_model_range(images)
+    if SCENES:                                                   # the data it was trained and measured on
+        x = torch.stack([scenes.ScenesDataset(128, seed=2024)[i][0] for i in range(128)])   # (128, 3, 64, 64)
+    else:
+        x = to_model_range(ShapesDataset(128, seed=2024).tensors()[0])
     with torch.no_grad():
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(gen(0))
