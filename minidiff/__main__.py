@@ -30,6 +30,7 @@ import torch
 
 from .core.config import read_json
 from .core.utils import parse_device
+from .models.vae import AutoencoderKLConfig
 from .pipelines import DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from .pipelines.loading import find_model_index
 from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -158,11 +159,12 @@ def check(args) -> Run:
                          "image at the model's own size; no text encoder, no VAE), which takes no "
                          f"{' or '.join(given)}. Drop {'it' if len(given) == 1 else 'them'}, or pass a Stable "
                          "Diffusion --model such as tiny-sd.")
-    f = vae_factor(index_path)                                      # pixels per latent: 8 for SD
+    f = None
     if not unconditional:
+        f = vae_factor(index_path)                                  # pixels per latent: 8 for SD; None: not known yet
         for name in ("height", "width"):
             value = getattr(args, name)
-            if value is not None and (value < f or value % f):
+            if value is not None and f is not None and (value < f or value % f):
                 raise ValueError(f"--{name} must be a positive multiple of {f} ({args.model}'s VAE turns {f}x{f} "
                                  f"pixels into one latent); found {value}. Try {max(f, round(value / f) * f)}.")
         if args.strength is not None and args.image is None:
@@ -170,7 +172,8 @@ def check(args) -> Run:
                              "run from the start image. Add --image START.png, or drop --strength.")
         if args.image is not None and (args.height is not None or args.width is not None):
             raise ValueError("--height/--width given with --image: image-to-image keeps the image's own size "
-                             f"(rounded down to a multiple of {f}). Resize the image instead, or drop --height/--width.")
+                             f"(rounded down to a multiple of {f or 'the VAE factor'}). Resize the image instead, or "
+                             "drop --height/--width.")
         args.prompt = SD_DEFAULTS["prompt"] if args.prompt is None else args.prompt
         args.guidance = SD_DEFAULTS["guidance"] if args.guidance is None else args.guidance
         if args.negative_prompt is not None and args.guidance <= 1:
@@ -208,13 +211,14 @@ def pipeline_class(model: str) -> tuple[type, str]:
     return cls, index_path
 
 
-def vae_factor(index_path: str) -> int:
+def vae_factor(index_path: str) -> int | None:
     """Pixels per latent of the VAE beside model_index.json (vae/config.json): each of its down blocks but the last
-    halves H and W. 8 (SD's) when vae/ is not on disk yet (a hub repo: the pipeline checks sizes on loading)."""
+    halves H and W (8 for SD). None when vae/ is not on disk yet (a hub repo: the pipeline checks sizes on loading)."""
     path = os.path.join(os.path.dirname(index_path), "vae", "config.json")
     if not os.path.isfile(path):
-        return 8
-    return 2 ** (len(read_json(path).get("block_out_channels", [128, 256, 512, 512])) - 1)  # the default: SD's
+        return None
+    blocks = read_json(path).get("block_out_channels", AutoencoderKLConfig.block_out_channels)  # as the VAE reads it
+    return 2 ** (len(blocks) - 1)
 
 
 def num_train_timesteps(index_path: str) -> int | None:
@@ -228,8 +232,9 @@ def num_train_timesteps(index_path: str) -> int | None:
     return None
 
 
-def read_image(path: str, f: int = 8) -> PIL.Image.Image:
-    """--image, read whole into memory as RGB; at least f x f pixels (one latent of a factor-f VAE)."""
+def read_image(path: str, f: int | None) -> PIL.Image.Image:
+    """--image, read whole into memory as RGB; at least f x f pixels (one latent of a factor-f VAE; f None: the
+    factor is not known before loading, and the pipeline checks the size)."""
     if not os.path.isfile(path):
         found = "a folder" if os.path.isdir(path) else "nothing"
         raise FileNotFoundError(f"--image {path}: expected an image file, found {found} there. "
@@ -240,7 +245,7 @@ def read_image(path: str, f: int = 8) -> PIL.Image.Image:
     except (OSError, PIL.Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"--image {path}: expected an image that PIL can open, found {type(e).__name__}: {e}. "
                          "Pass a PNG or JPEG.") from e
-    if min(image.size) < f:
+    if f is not None and min(image.size) < f:
         raise ValueError(f"--image {path} is {image.width}x{image.height} pixels; image-to-image needs at least "
                          f"{f}x{f} (the VAE turns {f}x{f} pixels into one latent). Pass a larger image.")
     return image

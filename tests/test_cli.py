@@ -17,10 +17,13 @@ import torch
 
 import minidiff
 from conftest import REFERENCE, REPO
+from helpers import tiny_sd_sizes
 from minidiff.checkpoints import TINY_SD
 from fake_checkpoints import make_fake_ddpm_cat, make_fake_sd
 import minidiff.__main__ as cli
 from minidiff.__main__ import SCHEDULERS, main, parse_args
+
+F, _ = tiny_sd_sizes()          # the bundled tiny-sd's pixels per latent: 8 (first edition) or 4 (second)
 
 
 @pytest.fixture(scope="module")
@@ -198,12 +201,12 @@ BAD_INPUTS = [
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--guidance", "nan"], "--guidance must be a finite number (1 = no guidance, 7.5 is usual); found nan"),
     (["--guidance", "inf"], "--guidance must be a finite number"),
-    (["--height", "30"], "--height must be a positive multiple of 8 (tiny-sd's VAE turns 8x8 pixels into one "
+    (["--height", "30"], f"--height must be a positive multiple of {F} (tiny-sd's VAE turns {F}x{F} pixels into one "
                          "latent); found 30. Try 32"),
     (["--model", "{tmp}/factor-4", "--height", "30"], "--height must be a positive multiple of 4 ({tmp}/factor-4's "
                                                        "VAE turns 4x4 pixels into one latent); found 30. Try 32"),
     (["--model", "{tmp}/factor-4", "--image", "{tmp}/tinier.png"], "is 2x3 pixels; image-to-image needs at least 4x4"),
-    (["--width", "0"], "--width must be a positive multiple of 8"),
+    (["--width", "0"], f"--width must be a positive multiple of {F}"),
     (["--model", "tiny-ddpm", "--prompt", "a cat"], "--prompt given, but tiny-ddpm is an unconditional DDPMPipeline"),
     (["--model", "tiny-ddpm", "--prompt", "a red circle"], "--prompt given, but tiny-ddpm"),   # even the old default
     (["--model", "tiny-ddpm", "--negative-prompt", "blue", "--guidance", "3"],
@@ -218,7 +221,7 @@ BAD_INPUTS = [
     (["--image", "{tmp}/missing.png"], "expected an image file, found nothing there"),
     (["--image", "{tmp}"], "expected an image file, found a folder there"),
     (["--image", "{tmp}/not-an-image.png"], "expected an image that PIL can open, found UnidentifiedImageError"),
-    (["--image", "{tmp}/tiny.png"], "is 4x4 pixels; image-to-image needs at least 8x8"),
+    (["--image", "{tmp}/tiny.png"], f"is {F - 1}x{F - 1} pixels; image-to-image needs at least {F}x{F}"),
     (["--negative-prompt", "blurry", "--guidance", "1"], "--negative-prompt is used by classifier-free guidance only"),
     (["--device", "gpu"], "--device 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (["--model", "{tmp}/nowhere"], "is neither an existing folder"),
@@ -235,7 +238,7 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_before_any_loading(tmp_path, monkeypatch, capsys, no_loading, argv, message):
     monkeypatch.chdir(tmp_path)  # the default out folder would be made here
     PIL.Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)).save(tmp_path / "start.png")
-    PIL.Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "tiny.png")
+    PIL.Image.fromarray(np.zeros((F - 1, F - 1, 3), dtype=np.uint8)).save(tmp_path / "tiny.png")
     PIL.Image.fromarray(np.zeros((3, 2, 3), dtype=np.uint8)).save(tmp_path / "tinier.png")
     # a pipeline folder whose VAE has 3 blocks (factor 4, the second tiny-sd's): model_index and configs only
     shutil.copytree(TINY_SD, tmp_path / "factor-4", ignore=shutil.ignore_patterns("*.safetensors", "*.png", "*.md"))

@@ -98,8 +98,8 @@ def test_updates_lower_the_loss(pipe):
             z = z - 50 * torch.autograd.grad(loss, z)[0]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     # a real gain, small on the first tiny-sd (its random text encoder's attention is nearly uniform over the
-    # tokens: 1.1e-4 measured), larger on the second (0.047 measured)
-    assert losses[0] - losses[-1] > 5e-5
+    # tokens: 1.1e-4 measured), larger on the second (0.047 measured at step 3,200 of its training)
+    assert losses[0] - losses[-1] > {8: 5e-5, 16: 5e-3}[H]
 
 
 # --- errors ---------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_vae_reconstructs_and_its_scaling_factor_was_measured():
         x_rec = vae.decode(posterior.mean).sample
     # SD's rule: scaling_factor = 1 / std of the latents, so the UNet sees unit variance
     assert vae.config.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.05)
-    assert (x_rec - x).pow(2).mean() < 0.02  # in [-1, 1] (0.0115 measured): the shapes come back
+    assert (x_rec - x).pow(2).mean() < 0.02  # in [-1, 1] (first edition: 0.0115 measured): the shapes come back
 
 
 def test_minidiff_and_diffusers_draw_the_same_image(tiny_sd_pair):

@@ -15,8 +15,8 @@ from minidiff.checkpoints import TINY_CONTROLNET_MASK, TINY_T2I_ADAPTER_MASK
 from minidiff.training import evaluate_control as ec
 from minidiff.training import shapes
 from minidiff.training.common import LOG_NAME
-from minidiff.training.train_control import (CONDITIONING_WIDTHS, COMMAND_NAME, load_frozen_sd, main, main_adapter,
-                                             make_adapter, predict_noise, sample_timesteps, shape_masks)
+from minidiff.training.train_control import (COMMAND_NAME, conditioning_widths, load_frozen_sd, main, main_adapter,
+                                             make_adapter, predict_noise, sample_timesteps, shape_masks, vae_factor)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MB = 1024 * 1024
@@ -60,15 +60,16 @@ def test_a_few_steps_lower_the_loss_and_move_only_the_new_network(kind, frozen_s
     unet, vae, text_encoder, tokenizer = frozen_sd
     frozen = {name: [p.detach().clone() for p in m.parameters()] for name, m in
               (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    f, h = vae_factor(vae), unet.config.sample_size                          # 8 and 8, or 4 and 16
     if kind == "controlnet":
-        net = minidiff.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_WIDTHS)
+        net = minidiff.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_widths(f))
     else:
-        net = make_adapter(unet, 8)                                           # the first tiny-sd: factor 8
+        net = make_adapter(unet, f)
     start = [p.detach().clone() for p in net.parameters()]
     images, captions = shapes.ShapesDataset(8, seed=1).tensors()
     masks = shape_masks(images)
     g = torch.Generator().manual_seed(0)
-    z_t, eps = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)
+    z_t, eps = torch.randn(8, 4, h, h, generator=g), torch.randn(8, 4, h, h, generator=g)
     t = torch.full((8,), 900)
     with torch.no_grad():
         ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -137,9 +138,10 @@ def test_bundled_folders_are_small_in_the_hub_layout(kind):
 def test_bundled_controlnet_and_adapter_load_in_diffusers_to_the_same_outputs():
     diffusers = pytest.importorskip("diffusers")
     g = torch.Generator().manual_seed(0)
-    z, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 64, generator=g)
-    _, masks = ec.eval_set(2)
     ours = minidiff.ControlNetModel.from_pretrained("tiny-controlnet-mask").eval()
+    h = 64 // ours.condition_scale_factor                                      # the latents of its tiny-sd: 8 or 16
+    z, context = torch.randn(2, 4, h, h, generator=g), torch.randn(2, 7, 64, generator=g)
+    _, masks = ec.eval_set(2)
     theirs = diffusers.ControlNetModel.from_pretrained(TINY_CONTROLNET_MASK).eval()
     with torch.no_grad():
         a = ours(z, 500, context, masks.expand(-1, 3, -1, -1))

@@ -257,8 +257,25 @@ def test_control_command_picks_the_data_its_pipeline_was_trained_on(scenes_pipel
     assert "--data shapes: the data --sd tiny-sd was trained on" in capsys.readouterr().out
 
 
+def test_control_command_seeds_the_new_network_and_continues_a_run_of_its_own(scenes_pipeline, tmp_path):
+    from minidiff.training import train_control
+
+    sd, _, _ = scenes_pipeline
+    common = ["--sd", str(sd), "--num-images", "4", "--batch-size", "2", "--device", "cpu"]
+    weights = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):                 # --steps 0: the starting weights
+        train_control.main_adapter([*common, "--out", str(tmp_path / name), "--steps", "0", "--seed", seed])
+        weights[name] = minidiff.T2IAdapter.from_pretrained(str(tmp_path / name)).state_dict()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+    # --init from a run made for this tiny-sd is taken, and so is --resume of it
+    train_control.main_adapter([*common, "--out", str(tmp_path / "d"), "--steps", "1", "--init", str(tmp_path / "a")])
+    train_control.main_adapter([*common, "--out", str(tmp_path / "d"), "--steps", "2", "--resume"])
+    assert (tmp_path / "d" / "config.json").is_file()
+
+
 def test_control_command_refuses_a_network_made_for_another_tiny_sd(scenes_pipeline, tmp_path, capsys):
-    from minidiff.checkpoints import TINY_CONTROLNET_MASK
+    from minidiff.checkpoints import TINY_CONTROLNET_MASK, TINY_T2I_ADAPTER_MASK
     from minidiff.training import train_control
 
     sd, _, _ = scenes_pipeline
@@ -267,7 +284,22 @@ def test_control_command_refuses_a_network_made_for_another_tiny_sd(scenes_pipel
                             "--device", "cpu"])
     err = capsys.readouterr().err
     assert refused.value.code == 2 and f"--init {TINY_CONTROLNET_MASK}: controlnet was built for another UNet" in err
+    assert f"Pass an --init trained for --sd {sd}, or drop --init." in err and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as refused:                            # the first tiny-sd's adapter: 2 features, 8x
+        train_control.main_adapter(["--sd", str(sd), "--init", TINY_T2I_ADAPTER_MASK, "--out", str(tmp_path / "run"),
+                                    "--device", "cpu"])
+    assert refused.value.code == 2 and "adapter was built for another UNet" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # a run of this tiny-sd's ControlNet, resumed against the first tiny-sd: refused before any data is drawn
+    run = tmp_path / "v2-run"
+    train_control.main(["--sd", str(sd), "--out", str(run), "--steps", "1", "--num-images", "4", "--batch-size", "2",
+                        "--device", "cpu"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        train_control.main(["--out", str(run), "--steps", "2", "--num-images", "4", "--device", "cpu", "--resume"])
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2 and "holds a controlnet of another shape than this command builds" in err
+    assert "drew" not in out
     empty = tmp_path / "not-a-pipeline"
     empty.mkdir()
     with pytest.raises(SystemExit) as refused:

@@ -9,7 +9,7 @@ and, after each step, asks for the one wide latent that agrees best with all the
 
 i.e. every latent position becomes the average of the updates of the windows that cover it. One call:
 
-1. encode the prompt, set the timesteps, draw the wide z_T       -> (B, 4, H/8, W/8), H/8 and W/8 >= window
+1. encode the prompt, set the timesteps, draw the wide z_T       -> (B, 4, H/f, W/f), H/f and W/f >= window (f = 8 for SD)
 2. cut the latent into overlapping windows (`get_views`)          -> V windows of (B, 4, window, window)
 3. for each t and each batch of windows: guided UNet, one scheduler step with that batch's own scheduler
    state (multistep samplers such as PNDM remember earlier ε of *their* window)

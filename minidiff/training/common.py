@@ -275,16 +275,38 @@ def save_state(folder: str, step: int, modules: dict[str, nn.Module], optimizer,
     os.replace(path + ".tmp", path)  # never leave a half-written state behind
 
 
-def load_state(folder: str, modules: dict[str, nn.Module], optimizer, generator: torch.Generator) -> tuple[int, float]:
-    """Restore a training state written by `save_state`; returns (step, seconds trained so far)."""
-    path = os.path.join(folder, STATE_NAME)
-    if not os.path.isfile(path):
-        raise CommandError(f"--resume: expected a training state at {path}, found none. "
-                           "Train without --resume first, or check --out.")
+def check_fits(path: str, name: str, saved: dict, module: nn.Module) -> None:
+    """A saved state_dict must have exactly the module's tensors and shapes (the run that wrote it was made from the
+    same inputs); otherwise a CommandError that says where they differ."""
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in saved.items()} if isinstance(saved, dict) else {}
+    differ = [f"{k}: {found.get(k, 'missing')} saved, {own.get(k, 'none')} here" for k in sorted(own.keys() | found.keys())
+              if own.get(k) != found.get(k)]
+    if differ:
+        raise CommandError(f"{path} holds a {name} of another shape than this command builds ({len(differ)} tensors "
+                           f"differ, e.g. {differ[0]}). Resume with the options of the run that wrote it (the same "
+                           "--sd / --vae / --init), or train anew in another --out.")
+
+
+def check_resume(args, modules: dict[str, nn.Module]) -> None:
+    """With --resume: the training state in --out must fit `modules` (read now, before any work; the weights are
+    loaded later by `load_state`)."""
+    if not args.resume:
+        return
+    path = os.path.join(args.out, STATE_NAME)
+    if os.path.isfile(path):                                           # a missing state: load_state says so
+        state = read_state(path)
+        for name, module in modules.items():
+            if isinstance(state, dict) and name in state:              # a missing entry: load_state says so
+                check_fits(path, name, state[name], module)
+
+
+def read_state(path: str) -> dict:
+    """The training state file at `path`, read with weights_only=True (tensors and plain values only)."""
     try:
         # weights_only=True: tensors, dicts, lists, numbers and strings only. A full unpickler would call any
         # function the file names (pickle's __reduce__), i.e. run its code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # what a full unpickler would have called
         if unsafe:
@@ -293,6 +315,15 @@ def load_state(folder: str, modules: dict[str, nn.Module], optimizer, generator:
                                "it, or train anew (--overwrite).") from e
         raise CommandError(f"{path} is not a readable training state ({type(e).__name__}: {e}). Delete it, or "
                            "train anew (--overwrite).") from e  # a truncated or foreign file
+
+
+def load_state(folder: str, modules: dict[str, nn.Module], optimizer, generator: torch.Generator) -> tuple[int, float]:
+    """Restore a training state written by `save_state`; returns (step, seconds trained so far)."""
+    path = os.path.join(folder, STATE_NAME)
+    if not os.path.isfile(path):
+        raise CommandError(f"--resume: expected a training state at {path}, found none. "
+                           "Train without --resume first, or check --out.")
+    state = read_state(path)
     expected = ["step", "seconds", "optimizer", "generator", "cpu_rng", *modules]
     missing = [key for key in expected if not isinstance(state, dict) or key not in state]
     if missing:
@@ -300,6 +331,7 @@ def load_state(folder: str, modules: dict[str, nn.Module], optimizer, generator:
                            f"{sorted(state) if isinstance(state, dict) else type(state).__name__}. Was it written by "
                            "another training command? Pass the right --out, or train anew (--overwrite).")
     for name, m in modules.items():
+        check_fits(path, name, state[name], m)
         m.load_state_dict(state[name])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])

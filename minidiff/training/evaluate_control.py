@@ -6,9 +6,9 @@
 The measure is the intersection over union of two masks (`judge.mask_iou`): the condition's, and the
 generated object's, found by the judge (`judge.judge`: the largest blob of pixels with chroma, since tiny-sd's
 backgrounds have none; no object found counts as IoU 0). Prompts say colour and shape only ("a red circle"),
-so without the control tiny-sd puts the object anywhere, and the IoU says how much the mask moved it. The
-prompts and masks come from the data tiny-sd was trained on (--data; shapes.py for the first edition, one-object
-scenes.py scenes for the second):
+so without the control tiny-sd puts the object anywhere, and the IoU says how much the mask moved it. The scale
+curve's prompts and masks come from the data tiny-sd was trained on (--data; shapes.py for the first edition,
+one-object scenes.py scenes for the second); the conflict's are drawn with shapes.py (words both editions know):
 
 - `scale_curve`: mean IoU at conditioning scales 0 (tiny-sd alone: the residuals / features times 0), 0.25,
   0.5, 1, 1.5; same prompts, masks and starting noise for every scale; plus how often the colour still

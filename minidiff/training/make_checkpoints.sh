@@ -134,8 +134,8 @@ if [ "$PHASE" = v2-lessons ]; then
     DEPTH=$!
     finished $IP2P tiny-instruct-pix2pix && OK+=(tiny-instruct-pix2pix)
     finished $DEPTH tiny-depth2img && OK+=(tiny-depth2img)
-    stamp "v2 evaluate: ${OK[*]}"
-    for name in "${OK[@]}"; do
+    stamp "v2 evaluate: ${OK[*]:-nothing}"
+    for name in ${OK[@]+"${OK[@]}"}; do
         case $name in
             tiny-controlnet-mask|tiny-t2i-adapter-mask) what=evaluate-control ;;
             *) what=evaluate-edit ;;

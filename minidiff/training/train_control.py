@@ -60,8 +60,8 @@ from ..models.t2i_adapter import T2IAdapter
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..schedulers.ddpm import DDPMScheduler
-from .common import (CommandError, StepKeeper, add_common_args, autocast, check_args, ema_update, load_images,
-                     load_state, optimizer_step, pick_device, prepare_run_folder, run_command)
+from .common import (CommandError, StepKeeper, add_common_args, autocast, check_args, check_resume, ema_update,
+                     load_images, load_state, optimizer_step, pick_device, prepare_run_folder, run_command)
 from .scenes import ScenesDataset, caption as scenes_caption, render_scenes
 from .shapes import ShapesDataset
 from .tokenizer import MODEL_MAX_LENGTH
@@ -94,6 +94,15 @@ def shape_masks(images: torch.Tensor) -> torch.Tensor:
     return (chroma >= 0.5 * full).float()
 
 
+def check_sd_folder(sd: str, path: str) -> None:
+    """--sd must be a pipeline folder with the four parts `load_frozen_sd` reads."""
+    lacking = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(path, p))]
+    if lacking:
+        raise CommandError(f"--sd {sd}: expected a pipeline folder with unet/, vae/, text_encoder/ and tokenizer/; "
+                           f"{path} has no {', '.join(p + '/' for p in lacking)}. Pass the folder a tiny-sd training "
+                           "run wrote, or 'tiny-sd'.")
+
+
 def load_frozen_sd(path: str, device: torch.device):
     """tiny-sd's UNet, VAE, text encoder and tokenizer, in eval mode and with requires_grad False."""
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
@@ -121,7 +130,7 @@ def caption_vocabulary(data: str, num: int, seed: int) -> set[str]:
     return {w for i in range(num) for w in ds.example(i).caption.split()}
 
 
-def one_token_each(tokenizer, words) -> list[str]:
+def split_words(tokenizer, words) -> list[str]:
     """The words the tokenizer does not keep whole (it would split them into pieces the text encoder never saw)."""
     return sorted(w for w in words if tokenizer.tokenize(w) != [w + "</w>"])
 
@@ -131,7 +140,7 @@ def pick_data(data: str | None, sd: str, tokenizer) -> str:
     keeps every scenes caption word whole (the second tiny-sd), shapes otherwise (the first)."""
     if data is not None:
         return data
-    data = "shapes" if one_token_each(tokenizer, caption_vocabulary("scenes", 2_000, 0)) else "scenes"
+    data = "shapes" if split_words(tokenizer, caption_vocabulary("scenes", 2_000, 0)) else "scenes"
     print(f"--data {data}: the data --sd {sd} was trained on (its tokenizer "
           f"{'lacks' if data == 'shapes' else 'has'} the scenes' words)")
     return data
@@ -140,17 +149,20 @@ def pick_data(data: str | None, sd: str, tokenizer) -> str:
 def check_vocabulary(args, tokenizer) -> None:
     """Refuse --data whose captions hold words the pipeline's tokenizer lacks (the first tiny-sd knows none of the
     scenes' new words: they would be split into pieces it never saw)."""
-    lacking = one_token_each(tokenizer, caption_vocabulary(args.data, args.num_images, args.seed))
+    lacking = split_words(tokenizer, caption_vocabulary(args.data, args.num_images, args.seed))
     if lacking:
         raise CommandError(f"--data {args.data}: its captions use words that --sd {args.sd}'s tokenizer lacks "
                            f"({', '.join(lacking[:8])}{', ...' if len(lacking) > 8 else ''}). Train on the data "
-                           f"that pipeline was trained on (--data shapes for the first tiny-sd, scenes for the second).")
+                           f"that pipeline was trained on (--data shapes for the first tiny-sd, scenes for the second; "
+                           "without --data, the command picks it from the tokenizer).")
 
 
 def new_network(kind: str, args, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder, tokenizer):
-    """The network that trains: --init's, or a new one for this tiny-sd. Either must fit the pipeline it will steer,
-    which the pipeline's own checks say (widths, the condition's shrinking = the VAE's factor)."""
+    """The network that trains: --init's, or a new one for this tiny-sd (its random weights drawn after
+    torch.manual_seed(--seed)). Either must fit the pipeline it will steer, which the pipeline's own checks say
+    (widths, the condition's shrinking = the VAE's factor); with --resume, so must the run's training state."""
     factor = vae_factor(vae)                                                   # f = 8 (first tiny-sd) or 4
+    source = f"--init {args.init}" if args.init else f"--sd {args.sd}"
     try:
         if args.init:
             net = (ControlNetModel if kind == "controlnet" else T2IAdapter).from_pretrained(args.init)
@@ -161,7 +173,9 @@ def new_network(kind: str, args, unet: UNet2DConditionModel, vae: AutoencoderKL,
         pipeline = StableDiffusionControlNetPipeline if kind == "controlnet" else StableDiffusionAdapterPipeline
         pipeline(vae, text_encoder, tokenizer, unet, net, DDPMScheduler.from_config(SCHEDULER_CONFIG))
     except (ValueError, OSError) as e:
-        raise CommandError(f"--init {args.init}: {e}" if args.init else str(e)) from e
+        hint = f" Pass an --init trained for --sd {args.sd}, or drop --init." if args.init else ""
+        raise CommandError(f"{source}: {e}{hint}") from e
+    check_resume(args, {kind: net, "ema": net})
     return net
 
 
@@ -200,11 +214,7 @@ def train(args, kind: str, command: list[str]):
     if sd_path is None:
         raise CommandError(f"--sd {args.sd}: expected a tiny-sd pipeline folder or the bundled name 'tiny-sd', "
                            "found neither. Check the path.")
-    lacking = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(sd_path, p))]
-    if lacking:
-        raise CommandError(f"--sd {args.sd}: expected a pipeline folder with unet/, vae/, text_encoder/ and "
-                           f"tokenizer/; {sd_path} has no {', '.join(p + '/' for p in lacking)}. Pass the folder a "
-                           "tiny-sd training run wrote, or 'tiny-sd'.")
+    check_sd_folder(args.sd, sd_path)
     if not 0 <= args.caption_dropout <= 1:
         raise CommandError(f"--caption-dropout must be in [0, 1]; found {args.caption_dropout}.")
     check_args(args, inputs={"--sd": sd_path, "--init": args.init})
@@ -212,11 +222,11 @@ def train(args, kind: str, command: list[str]):
     unet, vae, text_encoder, tokenizer = load_frozen_sd(sd_path, torch.device("cpu"))
     args.data = pick_data(args.data, args.sd, tokenizer)
     check_vocabulary(args, tokenizer)
+    torch.manual_seed(args.seed)                                               # the new network's random weights
     net = new_network(kind, args, unet, vae, text_encoder, tokenizer)
     prepare_run_folder(args, inputs={"--sd": sd_path, "--init": args.init})
     with open(os.path.join(args.out, COMMAND_NAME), "a" if args.resume else "w") as f:    # each command of the run
         f.write("python -m minidiff.training " + " ".join([kind, *command]) + "\n")
-    torch.manual_seed(args.seed)
 
     # 1. the data (drawn before any model is on the GPU: the drawing processes fork): latents of the VAE, the
     #    objects' masks, the captions' token ids

@@ -54,12 +54,12 @@ from ..core.compat import save_clip_text_encoder
 from ..core.hub import bundled_path
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers.ddpm import DDPMScheduler
-from .common import (CommandError, StepKeeper, add_common_args, autocast, check_args, ema_update, load_state,
-                     optimizer_step, pick_device, prepare_run_folder, run_command, write_json)
+from .common import (CommandError, StepKeeper, add_common_args, autocast, check_args, check_resume, ema_update,
+                     load_state, optimizer_step, pick_device, prepare_run_folder, run_command, write_json)
 from .scenes import caption, caption_words, edit_pair, random_scene, render
 from .shapes import BACKGROUNDS as PLAIN_BACKGROUNDS
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
-from .train_control import load_frozen_sd
+from .train_control import check_sd_folder, load_frozen_sd
 from .train_sd import SCHEDULER_CONFIG, encode_latents
 
 KINDS = ("instruct-pix2pix", "depth2img")
@@ -229,8 +229,14 @@ def tokenizer_and_encoder(kind: str, out: str, tokenizer, text_encoder, device):
 def starting_unet(kind: str, args, base_unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """tiny-sd's UNet with a wider conv_in, or --init's (an earlier run's), which must be that UNet widened."""
     if not args.init:
-        return widen_conv_in(base_unet, EXTRA_CHANNELS[kind])
-    unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet")
+        unet = widen_conv_in(base_unet, EXTRA_CHANNELS[kind])
+        check_resume(args, {"unet": unet, "ema": unet})
+        return unet
+    try:
+        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet")
+    except (ValueError, OSError) as e:
+        raise CommandError(f"--init {args.init}: expected a pipeline folder written by this command, whose unet/ "
+                           f"holds a UNet2DConditionModel; {e}") from e
     if unet.config.in_channels != 4 + EXTRA_CHANNELS[kind]:
         raise CommandError(f"--init {args.init}: its UNet reads {unet.config.in_channels} channels; {kind} needs "
                            f"{4 + EXTRA_CHANNELS[kind]}. Pass a folder written by this command.")
@@ -253,6 +259,7 @@ def train(args, kind: str, command: list[str]):
         raise CommandError(f"--data {args.data}: {kind} trains on scenes.py's one-object scenes (their edit pairs and "
                            "depth maps), which every tiny-sd knows; drop --data or pass --data scenes.")
     check_args(args, inputs={"--sd": sd_path, "--init": args.init})
+    check_sd_folder(args.sd, sd_path)
     # 0. before any work: frozen tiny-sd (VAE, text encoder) and the UNet that will train, on the CPU for now
     base_unet, vae, text_encoder, tokenizer = load_frozen_sd(sd_path, torch.device("cpu"))
     unet = starting_unet(kind, args, base_unet)
