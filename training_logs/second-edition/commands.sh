@@ -52,3 +52,9 @@ OMP_NUM_THREADS=2 python -m minidiff.training sd --data scenes --vae runs/v2/vae
 OMP_NUM_THREADS=2 python -m minidiff.training sd --data scenes --vae runs/v2/vae/vae --num-images 20000 \
     --out runs/v2/tiny-sd-l1 --device cpu --batch-size 32 --lr 5e-4 --warmup 100 --ema-decay 0.995 --steps 200000 \
     --save-every 200 --max-minutes 128 --workers 2 --resume
+# stopped at 11,530 steps (7,680 s); evaluated with the default 4 seeds per prompt, then kept as runs/v2/tiny-sd-final
+python -m minidiff.training evaluate scenes --model runs/v2/tiny-sd-l1
+
+# the ControlNet of the later lessons on the second-edition tiny-sd, first leg (--data: picked from --sd: scenes)
+OMP_NUM_THREADS=2 python -m minidiff.training controlnet --sd runs/v2/tiny-sd-final --out runs/v2/tiny-controlnet-mask \
+    --device cpu --num-images 10000 --batch-size 32 --lr 5e-4 --save-every 100 --max-minutes 20 --workers 2
