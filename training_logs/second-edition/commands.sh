@@ -58,3 +58,4 @@ python -m minidiff.training evaluate scenes --model runs/v2/tiny-sd-l1
 # the ControlNet of the later lessons on the second-edition tiny-sd, first leg (--data: picked from --sd: scenes)
 OMP_NUM_THREADS=2 python -m minidiff.training controlnet --sd runs/v2/tiny-sd-final --out runs/v2/tiny-controlnet-mask \
     --device cpu --num-images 10000 --batch-size 32 --lr 5e-4 --save-every 100 --max-minutes 20 --workers 2
+python -m minidiff.training evaluate-control --model runs/v2/tiny-controlnet-mask --sd runs/v2/tiny-sd-final --num 16
