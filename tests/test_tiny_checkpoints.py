@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import minidiff
-from helpers import gen, gens, load_minidiff, max_pixel_diff, quiet
+from helpers import gen, gens, load_minidiff, max_pixel_diff, quiet, tiny_sd_sizes
 from minidiff.checkpoints import TINY_DDPM, TINY_SD
 from minidiff.models.modeling import rename_legacy_keys
 from minidiff.training import evaluate, scenes
@@ -18,8 +18,7 @@ from minidiff.training.shapes import ShapesDataset, to_model_range
 from minidiff.training.tokenizer import write_tokenizer
 
 MB = 1024 * 1024
-VAE_CONFIG = json.load(open(os.path.join(TINY_SD, "vae", "config.json")))
-F = 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)   # pixels per latent: 8 (first tiny-sd) or 4 (second)
+F, _ = tiny_sd_sizes()                                 # pixels per latent: 8 (first tiny-sd) or 4 (second)
 SCENES = F == 4                                        # the second tiny-sd was trained on scenes.py's data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
