@@ -13,7 +13,7 @@ import minidiff
 from helpers import gen, gens, load_minidiff, max_pixel_diff, quiet, tiny_sd_sizes
 from minidiff.checkpoints import TINY_DDPM, TINY_SD
 from minidiff.models.modeling import rename_legacy_keys
-from minidiff.training import evaluate, scenes
+from minidiff.training import evaluate, scenes, shapes
 from minidiff.training.shapes import ShapesDataset, to_model_range
 from minidiff.training.tokenizer import write_tokenizer
 
@@ -71,7 +71,7 @@ def test_components_load_by_bare_name():
 
 
 def test_tokenizer_files_are_what_the_script_writes(tmp_path):
-    write_tokenizer(str(tmp_path), scenes.caption_words() if SCENES else None)    # its data's words
+    write_tokenizer(str(tmp_path), (scenes if SCENES else shapes).caption_words())    # its data's words
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         with open(os.path.join(TINY_SD, "tokenizer", name), encoding="utf-8") as bundled:
             assert bundled.read() == (tmp_path / name).read_text(encoding="utf-8"), name

@@ -45,21 +45,42 @@ def test_widened_unet_is_tiny_sd_whatever_the_extra_channels_hold(frozen_sd, ext
     assert torch.allclose(new, old, atol=1e-6), (new - old).abs().max()
 
 
-def test_extended_text_encoder_keeps_tiny_sds_words(frozen_sd, tmp_path):
-    _, _, text_encoder, tokenizer = frozen_sd
+def test_extended_text_encoder_keeps_the_old_words(tmp_path):
+    # a tokenizer of the first edition's words (shapes.py: no instruction words) and a random encoder over it
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from minidiff.training import shapes
     from minidiff.training.tokenizer import write_tokenizer
 
+    old_vocab = write_tokenizer(str(tmp_path / "old"), shapes.caption_words())
     vocab = write_tokenizer(str(tmp_path / "tok"), caption_words())
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "old"))
     new_tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
-    lacking = [w for w in ("make", "turn", "into", "move", "to", "up", "down") if w + "</w>" not in tokenizer.get_vocab()]
-    assert lacking == ["make", "turn", "into", "move", "to", "up", "down"]        # why the folder has its own
-    extended = extend_text_encoder(text_encoder, tokenizer.get_vocab(), vocab)
+    config = CLIPTextConfig.from_pretrained(os.path.join(TINY_SD, "text_encoder")).to_dict()
+    config.update(vocab_size=len(old_vocab), bos_token_id=old_vocab["<|startoftext|>"],
+                  eos_token_id=old_vocab["<|endoftext|>"], pad_token_id=old_vocab["<|endoftext|>"])
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config)).eval()
+    lacking = [w for w in ("make", "turn", "into", "move", "to", "up", "down") if w + "</w>" not in old_vocab]
+    assert lacking == ["make", "turn", "into", "move", "to", "up", "down"]        # what the extension adds
+    extended = extend_text_encoder(text_encoder, old_vocab, vocab)
     assert extended.config.vocab_size == len(vocab) > text_encoder.config.vocab_size
     captions = ["a red circle", "a small blue square at the top left on a gray background", ""]
     old = embed(tokenizer, text_encoder, captions, "cpu")
     new = embed(new_tokenizer, extended, captions, "cpu")
     assert torch.allclose(old, new, atol=1e-5)                                     # the same vectors for old words
     assert len(new_tokenizer.tokenize("make the circle blue")) == 4               # one token a word
+
+
+def test_extending_the_bundled_tiny_sds_encoder_changes_nothing(frozen_sd, tmp_path):
+    _, _, text_encoder, tokenizer = frozen_sd                   # the second edition's tokenizer has every word
+    from minidiff.training.tokenizer import write_tokenizer
+
+    vocab = write_tokenizer(str(tmp_path / "tok"), caption_words())
+    assert vocab == tokenizer.get_vocab()
+    extended = extend_text_encoder(text_encoder, tokenizer.get_vocab(), vocab)
+    assert extended.config.vocab_size == text_encoder.config.vocab_size
+    assert torch.equal(extended.get_input_embeddings().weight, text_encoder.get_input_embeddings().weight)
     assert not torch.allclose(embed(new_tokenizer, extended, ["make the circle blue"], "cpu"),
                               embed(new_tokenizer, extended, ["turn the circle blue"], "cpu"))
 

@@ -246,7 +246,26 @@ def test_control_commands_shrink_the_mask_by_the_vaes_factor(kind, scenes_pipeli
     assert [image.size for image in images] == [(64, 64)] * 2
 
 
-def test_control_command_picks_the_data_its_pipeline_was_trained_on(scenes_pipeline, tmp_path, capsys):
+@pytest.fixture
+def shapes_tokenizer_sd(tmp_path):
+    """The bundled tiny-sd's folder with the first edition's tokenizer (shapes.py's 26 words, none of the scenes'
+    new ones): what the command must read as a pipeline trained on shapes.py."""
+    import os
+
+    from minidiff.checkpoints import TINY_SD
+    from minidiff.training import shapes
+    from minidiff.training.tokenizer import write_tokenizer
+
+    folder = tmp_path / "shapes-sd"
+    folder.mkdir()
+    for part in ("model_index.json", "scheduler", "text_encoder", "unet", "vae"):
+        os.symlink(os.path.join(TINY_SD, part), folder / part)
+    write_tokenizer(str(folder / "tokenizer"), shapes.caption_words())
+    return folder
+
+
+def test_control_command_picks_the_data_its_pipeline_was_trained_on(scenes_pipeline, shapes_tokenizer_sd,
+                                                                      tmp_path, capsys):
     from minidiff.training import train_control
 
     sd, _, _ = scenes_pipeline
@@ -254,7 +273,10 @@ def test_control_command_picks_the_data_its_pipeline_was_trained_on(scenes_pipel
                         "--device", "cpu"])
     assert f"--data scenes: the data --sd {sd} was trained on" in capsys.readouterr().out
     train_control.main(["--out", str(tmp_path / "b"), "--steps", "0", "--num-images", "4", "--device", "cpu"])
-    assert "--data shapes: the data --sd tiny-sd was trained on" in capsys.readouterr().out
+    assert "--data scenes: the data --sd tiny-sd was trained on" in capsys.readouterr().out     # the bundled one
+    train_control.main(["--sd", str(shapes_tokenizer_sd), "--out", str(tmp_path / "c"), "--steps", "0",
+                        "--num-images", "4", "--device", "cpu"])
+    assert f"--data shapes: the data --sd {shapes_tokenizer_sd} was trained on" in capsys.readouterr().out
 
 
 def test_control_command_seeds_the_new_network_and_continues_a_run_of_its_own(scenes_pipeline, tmp_path):
@@ -308,14 +330,15 @@ def test_control_command_refuses_a_network_made_for_another_tiny_sd(scenes_pipel
     assert not (tmp_path / "run").exists()
 
 
-def test_control_command_refuses_data_its_pipelines_tokenizer_cannot_read(tmp_path, capsys):
+def test_control_command_refuses_data_its_pipelines_tokenizer_cannot_read(shapes_tokenizer_sd, tmp_path, capsys):
     from minidiff.training import train_control
 
-    with pytest.raises(SystemExit) as refused:                            # the first tiny-sd knows no scenes words
-        train_control.main(["--sd", "tiny-sd", "--data", "scenes", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    sd = str(shapes_tokenizer_sd)
+    with pytest.raises(SystemExit) as refused:                            # the first tokenizer knows no scenes words
+        train_control.main(["--sd", sd, "--data", "scenes", "--out", str(tmp_path / "run"), "--device", "cpu"])
     err = capsys.readouterr().err
     # exactly the words of the scenes' captions that the first tokenizer splits (not the edit instructions' words)
-    assert refused.value.code == 2 and ("--data scenes: its captions use words that --sd tiny-sd's tokenizer lacks "
+    assert refused.value.code == 2 and (f"--data scenes: its captions use words that --sd {sd}'s tokenizer lacks "
                                         "(above, and, below, gradient, of, striped)") in err
     assert not (tmp_path / "run").exists()
 

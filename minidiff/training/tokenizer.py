@@ -1,20 +1,22 @@
-"""A tiny CLIP tokenizer for the shapes captions: `vocab.json` + `merges.txt` in CLIP's own format.
+"""A tiny CLIP tokenizer for the tiny world's captions: `vocab.json` + `merges.txt` in CLIP's own format.
 
 CLIP's tokenizer is byte-level BPE (Radford et al. 2021, as in GPT-2, Sennrich et al. 2016): a word is
 split into characters, the last one marked with `</w>` (end of word), and then pairs of neighbouring
 pieces are merged, always the pair ranked first in `merges.txt`, until no listed pair is left.
 Stable Diffusion's real files list 48,894 merges learned from web text. Ours list just enough merges to
-build each caption word, so that every word of `shapes.caption_words()` becomes ONE token:
+build each caption word, so that every word of `scenes.caption_words()` becomes ONE token:
 
     "red":  r e d</w>  --(e d</w>)-->  r ed</w>  --(r ed</w>)-->  red</w>
 
 Each merge joins one character to a piece that ends a word, so a merge can only ever apply at the end of
 a word and words never interfere with one another. Any other text still tokenizes, as single bytes.
+By default the words are those of the second edition's scenes (`scenes.caption_words()`: 41 words, 649 tokens,
+the bundled tiny-sd's tokenizer); `--data shapes` writes the first edition's (26 words, 608 tokens).
 
 The vocabulary is laid out like CLIP's: the 256 byte characters, the same with `</w>`, the merged
 pieces, then `<|startoftext|>` and `<|endoftext|>` last (SD pads with `<|endoftext|>` too).
 
-    python -m minidiff.training tokenizer --out some/folder/tokenizer
+    python -m minidiff.training tokenizer --out some/folder/tokenizer [--data shapes]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 
-from .shapes import caption_words
+from . import scenes, shapes
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77  # CLIP's context length, which Stable Diffusion pads every prompt to
@@ -62,8 +64,8 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
 
 def write_tokenizer(folder: str, words: list[str] | None = None) -> dict[str, int]:
     """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (as in SD v1's
-    `tokenizer/`); returns the vocabulary."""
-    vocab, merges = build_vocab(caption_words() if words is None else words)
+    `tokenizer/`) for `words` (default: the scenes' caption words); returns the vocabulary."""
+    vocab, merges = build_vocab(scenes.caption_words() if words is None else words)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False, indent=0)
@@ -86,6 +88,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minidiff.training tokenizer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="the folder to write the tokenizer files to")
+    parser.add_argument("--data", choices=("scenes", "shapes"), default="scenes",
+                        help="whose caption words: 'scenes' (the second edition, the bundled tiny-sd) or 'shapes' "
+                             "(the first edition)")
     args = parser.parse_args(argv)
-    vocab = write_tokenizer(args.out)
-    print(f"wrote a {len(vocab)}-token CLIP vocabulary for {len(caption_words())} caption words to {args.out}")
+    words = (scenes if args.data == "scenes" else shapes).caption_words()
+    vocab = write_tokenizer(args.out, words)
+    print(f"wrote a {len(vocab)}-token CLIP vocabulary for {len(words)} {args.data} caption words to {args.out}")
