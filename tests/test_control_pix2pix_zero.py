@@ -88,17 +88,20 @@ def test_no_direction_and_no_guidance_is_plain_generation(pipe, embeds):
 def test_guidance_pulls_the_maps_towards_the_reference(pipe, embeds):
     src, tgt = embeds
     free = edit(pipe, src, tgt, 0.0, return_intermediates=True)
-    guided = edit(pipe, src, tgt, 30.0, return_intermediates=True)
-    assert len(guided.attention_loss) == len(guided.source_maps) == len(guided.edited_maps) == 10
+    guided = edit(pipe, src, tgt, 1.0, return_intermediates=True)
+    assert len(guided.attention_loss) == len(guided.attention_loss_after) == len(guided.source_maps) == 10
     assert guided.edited_maps[0].shape == (1, 77, H, H)
     assert guided.attention_loss[0] == pytest.approx(free.attention_loss[0])   # before the first step: the same
-    assert sum(guided.attention_loss) < sum(free.attention_loss)
+    assert free.attention_loss_after == pytest.approx(free.attention_loss)      # no step, no change
+    # Each gradient step lowers the loss it descends, at every step (measured on the second tiny-sd: by 0.2-0.8).
+    # (The losses of later steps need not fall: each starts from a new x_{t-1}. At λ = 30 the first step overshoots.)
+    assert all(after < before for before, after in zip(guided.attention_loss, guided.attention_loss_after))
     assert len(guided.intermediates.latents) == len(guided.source_intermediates.latents) == 10
 
 
 def test_edit_direction_changes_the_colour_and_captions_work(pipe):
     out = pipe("a red circle", SOURCE, TARGET, num_inference_steps=20, guidance_scale=3.0, num_images_per_prompt=2,
-               generator=gens(1, 2), cross_attention_guidance_amount=30.0)
+               generator=gens(1, 2), cross_attention_guidance_amount=1.0)
     assert [evaluate.analyse(i).color for i in out.source_images] == ["red", "red"]
     assert [evaluate.analyse(i).color for i in out.images] == ["blue", "blue"]
     source, edited = (evaluate.analyse(i) for i in (out.source_images[0], out.images[0]))

@@ -73,8 +73,9 @@ class Pix2PixZeroOutput:
     """`images`: the edited images; `source_images`: the images of the source pass (same noise, prompt
     unchanged), both of `output_type`. With `return_intermediates=True`, per step of each pass: the latents
     (`intermediates`, `source_intermediates`), the per-token cross-attention maps of the conditional half
-    (`edited_maps`, `source_maps`: (B, 77, h, w) each) and the guidance loss before its gradient step
-    (`attention_loss`)."""
+    (`edited_maps`, `source_maps`: (B, 77, h, w) each), the guidance loss before its gradient step
+    (`attention_loss`) and after it, on the moved latents (`attention_loss_after`: what the step lowered; the next
+    step's loss starts from a new x_{t-1}, so the losses of later steps need not fall)."""
 
     images: object
     source_images: object
@@ -83,6 +84,7 @@ class Pix2PixZeroOutput:
     source_maps: list[torch.Tensor] = field(default_factory=list)
     edited_maps: list[torch.Tensor] = field(default_factory=list)
     attention_loss: list[float] = field(default_factory=list)
+    attention_loss_after: list[float] = field(default_factory=list)
 
 
 class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
@@ -199,11 +201,13 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
             #    authors' code) the unconditional half becomes the new latents. diffusers moves x after
             #    scale_model_input: the same for DDIM and DDPM, whose scaling is the identity.
             x = (torch.cat([latents] * 2) if guidance else latents).detach().requires_grad_(True)  # (2B, 4, h, w)
+            def map_loss(probs):                                                     # (2B, heads, N, 77) each
+                return sum(((p - ref.to(p.device)) ** 2).sum(dim=(-2, -1)).mean() for p, ref in zip(probs, reference[i]))
+
             with torch.enable_grad(), capture(layers):
                 self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=text_edit)
                 probs = [layer.attention_probs for layer in layers.values()]
-                loss = sum(((p - ref.to(p.device)) ** 2).sum(dim=(-2, -1)).mean()  # (2B, heads, N, 77) -> ()
-                           for p, ref in zip(probs, reference[i]))
+                loss = map_loss(probs)                                                # ()
                 grad, = torch.autograd.grad(loss, x)
                 if return_intermediates:
                     out.edited_maps.append(average_maps([p.detach()[cond] for p in probs], (h, w)).cpu())
@@ -211,8 +215,13 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
             x = (x - cross_attention_guidance_amount * grad).detach()
             latents = x.chunk(2)[0] if guidance else x                                # (2B, ...) -> (B, ...)
 
-            # b. The ordinary guided step from the moved x with the edited prompt.
-            eps = self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=text_edit).sample
+            # b. The ordinary guided step from the moved x with the edited prompt (its maps give the loss after a).
+            if return_intermediates:
+                with capture(layers):
+                    eps = self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=text_edit).sample
+                    out.attention_loss_after.append(map_loss([layer.attention_probs for layer in layers.values()]).item())
+            else:
+                eps = self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=text_edit).sample
             if guidance:
                 eps = classifier_free_guidance(eps, guidance_scale)
             step = self.scheduler.step(eps, t, latents, generator=generator)
