@@ -354,7 +354,7 @@ def generate(args, run: Run) -> list[str]:
     return paths
 
 
-GIF_SIDE = 128  # pixels: an 8x8 latent would be invisible at its own size
+GIF_SIDE = 128  # pixels: a 16x16 latent would be invisible at its own size
 
 
 def channel_panel(latent: torch.Tensor) -> torch.Tensor:

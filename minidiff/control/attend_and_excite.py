@@ -5,7 +5,7 @@ Stable Diffusion often drops one subject of "a cat and a frog": no image positio
 token has at least one image patch that attends to it (Algorithm 1 of the paper). At step i (timestep t):
 
 1. run the UNet on z_t with the prompt alone, with gradients on, and keep its cross-attention maps at
-   `attn_res` (16 x 16 for SD v1, 8 x 8 for tiny-sd), averaged over heads and layers  -> (77, h, w)
+   `attn_res` (16 x 16 for SD v1, 16 x 16 for tiny-sd), averaged over heads and layers  -> (77, h, w)
 2. drop <|startoftext|> (it takes most of the attention) and the last padding position, and softmax the
    remaining 75 maps over the tokens (x100 first, as the authors' code does)          -> (75, h, w)
 3. smooth each subject token s's map with a 3 x 3 Gaussian (a single hot patch is not enough)
@@ -171,7 +171,7 @@ class StableDiffusionAttendAndExcitePipeline(StableDiffusionPipeline):
                 raise ValueError(f"attn_res={tuple(attn_res)}: no cross-attention layer of this UNet has maps of that "
                                  f"size for {latent_hw[0]} x {latent_hw[1]} latents; its layers have "
                                  f"{sorted(set(sizes.values()), reverse=True)}. Pass one of those as attn_res "
-                                 "((16, 16) for SD v1 at 512 x 512, (8, 8) for tiny-sd).")
+                                 "((16, 16) for SD v1 at 512 x 512, (16, 16) for the bundled tiny-sd).")
             return average_maps(chosen, latent_hw, size=attn_res)
 
     def excite(self, z, t, text, token_indices, attn_res):

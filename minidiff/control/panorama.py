@@ -53,7 +53,7 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
     ) -> ImagePipelineOutput:
         """Height and width in pixels: by default one window high and four wide (512 x 2048 for SD v1).
 
-        The window is the UNet's `sample_size` (64 latents for SD v1, 8 for tiny-sd); `stride` (in latents,
+        The window is the UNet's `sample_size` (64 latents for SD v1, 16 for tiny-sd); `stride` (in latents,
         default window // 8) is how far the next window moves. `view_batch_size` windows share one UNet call.
         """
         # 0. Check the inputs before any work is done.
@@ -129,7 +129,7 @@ class StableDiffusionPanoramaPipeline(StableDiffusionPipeline):
 
     @property
     def window_size(self) -> int:
-        """The UNet's own latent size: 64 for SD v1 (512 pixels), 8 for tiny-sd."""
+        """The UNet's own latent size: 64 for SD v1 (512 pixels), 16 for tiny-sd (64 pixels)."""
         size = self.unet.config.sample_size
         if not isinstance(size, int):
             if size[0] != size[1]:

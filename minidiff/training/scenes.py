@@ -5,7 +5,7 @@ the conditions (masks, edges, depth) and edit pairs that the later lessons train
     "a small blue square at the top left and a yellow star"
     "a red circle left of a large green triangle on a striped background"
 
-Like `shapes.py` (which the current checkpoints keep using), nothing is downloaded: a `Scene` is a plain
+Like `shapes.py` (the first edition's data), nothing is downloaded: a `Scene` is a plain
 description, drawn with PIL at 4x the size and shrunk (antialiased edges). Scene `i` of a data set with
 seed `s` comes from a random generator seeded with (s, i): the same on any machine, in any order.
 

@@ -103,5 +103,5 @@ def fit_latent_rgb_to_vae(vae, images: torch.Tensor | None = None, size: int | N
     if images is None:
         size = size or vae.config.sample_size
         images = torch.cat([sample_photo(name, size) for name in photos])            # (N, 3, size, size)
-    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()        # (N, C, H/8, W/8)
+    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()        # (N, C, H/f, W/f): f the VAE's factor
     return fit_latent_rgb(latents * vae.config.scaling_factor, images)
