@@ -157,17 +157,18 @@ def test_bundled_controlnet_and_adapter_load_in_diffusers_to_the_same_outputs():
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
-# Measured on the bundled checkpoints (their README tables): 12 prompts, seed 0, 20 PNDM steps, guidance 7.5.
-# The bounds sit well below what was measured (see MARGIN below), so that another BLAS or CPU stays inside.
+# Measured on the bundled checkpoints (their README tables, "first 12"): 12 one-object scenes' masks (the data the
+# bundled tiny-sd was trained on), seed 0, 20 PNDM steps, guidance 7.5: mean IoU 0.210 -> 0.929 with the ControlNet,
+# 0.210 -> 0.771 with the adapter. The bounds sit well below, so that another BLAS or CPU stays inside.
 EVAL_PROMPTS = 12
-MARGIN = {"controlnet": 0.25, "adapter": 0.25}
+MARGIN = {"controlnet": 0.4, "adapter": 0.4}
 
 
 @pytest.mark.parametrize("kind", ["controlnet", "adapter"])
 def test_bundled_control_puts_the_object_in_the_mask(kind):
     pipe = ec.load_pipeline(kind == "controlnet" and "tiny-controlnet-mask" or "tiny-t2i-adapter-mask")
     pipe.set_progress_bar_config(disable=True)
-    prompts, masks = ec.eval_set(EVAL_PROMPTS)
+    prompts, masks = ec.eval_set(EVAL_PROMPTS, data="scenes")
     rows = ec.scale_curve(pipe, prompts, masks, scales=(0.0, 1.0))
     without, with_control = rows[0.0]["iou"], rows[1.0]["iou"]
     assert with_control - without > MARGIN[kind], (without, with_control)
