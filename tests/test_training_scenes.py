@@ -296,29 +296,53 @@ def test_control_command_seeds_the_new_network_and_continues_a_run_of_its_own(sc
     assert (tmp_path / "d" / "config.json").is_file()
 
 
-def test_control_command_refuses_a_network_made_for_another_tiny_sd(scenes_pipeline, tmp_path, capsys):
-    from minidiff.checkpoints import TINY_CONTROLNET_MASK, TINY_T2I_ADAPTER_MASK
+@pytest.fixture(scope="module")
+def factor8_pipeline(tmp_path_factory):
+    """A pipeline of the first tiny-sd's shape (factor-8 VAE, the 2-level 8x8 UNet), 2 steps each on shapes.py, and a
+    ControlNet and a T2I-Adapter made for it (untrained): what the second tiny-sd's commands must refuse."""
+    from minidiff.training.train_control import conditioning_widths, make_adapter
+
+    vae_dir = tmp_path_factory.mktemp("vae8")
+    train_vae.train(parse(train_vae, "--out", str(vae_dir), "--steps", "2", "--batch-size", "2", "--num-images", "8"),
+                    {**train_vae.VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4})
+    out = tmp_path_factory.mktemp("sd8")
+    train_sd.train(parse(train_sd, "--out", str(out), "--vae", str(vae_dir / "vae"), "--steps", "2", "--batch-size", "2",
+                         "--num-images", "8"), None)
+    unet = minidiff.UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+    nets = tmp_path_factory.mktemp("nets8")
+    minidiff.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_widths(8)).save_pretrained(
+        str(nets / "controlnet"))
+    make_adapter(unet, 8).save_pretrained(str(nets / "adapter"))
+    from minidiff.training.train_edit import widen_conv_in
+
+    widen_conv_in(unet, 4).save_pretrained(str(nets / "instruct-pix2pix" / "unet"))    # an InstructPix2Pix UNet of it
+    return out, nets / "controlnet", nets / "adapter"
+
+
+def test_control_command_refuses_a_network_made_for_another_tiny_sd(scenes_pipeline, factor8_pipeline, tmp_path, capsys):
     from minidiff.training import train_control
 
     sd, _, _ = scenes_pipeline
-    with pytest.raises(SystemExit) as refused:                            # the first tiny-sd's ControlNet: 8x, 2 levels
-        train_control.main(["--sd", str(sd), "--init", TINY_CONTROLNET_MASK, "--out", str(tmp_path / "run"),
+    sd8, controlnet8, adapter8 = factor8_pipeline
+    with pytest.raises(SystemExit) as refused:                            # a ControlNet of the first tiny-sd's shape: 8x, 2 levels
+        train_control.main(["--sd", str(sd), "--init", str(controlnet8), "--out", str(tmp_path / "run"),
                             "--device", "cpu"])
     err = capsys.readouterr().err
-    assert refused.value.code == 2 and f"--init {TINY_CONTROLNET_MASK}: controlnet was built for another UNet" in err
+    assert refused.value.code == 2 and f"--init {controlnet8}: controlnet was built for another UNet" in err
     assert f"Pass an --init trained for --sd {sd}, or drop --init." in err and not (tmp_path / "run").exists()
-    with pytest.raises(SystemExit) as refused:                            # the first tiny-sd's adapter: 2 features, 8x
-        train_control.main_adapter(["--sd", str(sd), "--init", TINY_T2I_ADAPTER_MASK, "--out", str(tmp_path / "run"),
+    with pytest.raises(SystemExit) as refused:                            # an adapter of that shape: 2 features, 8x
+        train_control.main_adapter(["--sd", str(sd), "--init", str(adapter8), "--out", str(tmp_path / "run"),
                                     "--device", "cpu"])
     assert refused.value.code == 2 and "adapter was built for another UNet" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    # a run of this tiny-sd's ControlNet, resumed against the first tiny-sd: refused before any data is drawn
+    # a run of this tiny-sd's ControlNet, resumed against a tiny-sd of the first shape: refused before any data is drawn
     run = tmp_path / "v2-run"
     train_control.main(["--sd", str(sd), "--out", str(run), "--steps", "1", "--num-images", "4", "--batch-size", "2",
                         "--device", "cpu"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
-        train_control.main(["--out", str(run), "--steps", "2", "--num-images", "4", "--device", "cpu", "--resume"])
+        train_control.main(["--sd", str(sd8), "--out", str(run), "--steps", "2", "--num-images", "4", "--device", "cpu",
+                            "--resume"])
     out, err = capsys.readouterr()
     assert refused.value.code == 2 and "holds a controlnet of another shape than this command builds" in err
     assert "drew" not in out
@@ -369,14 +393,13 @@ def test_edit_commands_train_for_the_factor_4_pipeline(kind, scenes_pipeline, tm
     assert out.shape == (1, 3, 64, 64)
 
 
-def test_edit_commands_refuse_a_unet_made_from_another_tiny_sd(scenes_pipeline, tmp_path, capsys):
-    from minidiff.checkpoints import TINY_INSTRUCT_PIX2PIX
+def test_edit_commands_refuse_a_unet_made_from_another_tiny_sd(scenes_pipeline, factor8_pipeline, tmp_path, capsys):
     from minidiff.training import train_edit
 
     sd, _, _ = scenes_pipeline
-    with pytest.raises(SystemExit) as refused:                            # made from the first tiny-sd: 8x8, 2 levels
-        train_edit.main(["--sd", str(sd), "--init", TINY_INSTRUCT_PIX2PIX, "--out", str(tmp_path / "run"),
-                         "--device", "cpu"])
+    init = factor8_pipeline[1].parent / "instruct-pix2pix"                # made from a first-shape tiny-sd: 8x8, 2 levels
+    with pytest.raises(SystemExit) as refused:
+        train_edit.main(["--sd", str(sd), "--init", str(init), "--out", str(tmp_path / "run"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert refused.value.code == 2 and "its UNet was made from another tiny-sd" in err and "sample_size 8 (--sd's: 16)" in err
     assert not (tmp_path / "run").exists()
