@@ -157,7 +157,7 @@ def test_bundled_folders_are_small_in_the_hub_layout(kind):
     folder = FOLDERS[kind]
     sizes = {os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
              for d, _, files in os.walk(folder) for f in files}
-    assert sum(sizes.values()) < 20 * MB, sizes
+    assert sum(sizes.values()) < 32 * MB, sizes                               # tiny-sd's 27.8 MB, one UNet widened
     assert not [n for n in sizes if n.endswith((".pt", ".bin", ".ckpt"))], sizes
     for name in ("model_index.json", "README.md", LOG_NAME, COMMAND_NAME, "unet/config.json", "vae/config.json",
                  "text_encoder/config.json", "tokenizer/vocab.json", "scheduler/scheduler_config.json"):
