@@ -130,7 +130,7 @@ def apply_token_weights(embeddings: torch.Tensor, weights: torch.Tensor, renorma
     weighted = embeddings * weights.to(embeddings)[None, :, None]              # (B, 77, D) * (1, 77, 1)
     mean_before, mean_after = embeddings.mean(), weighted.mean()
     if not renormalize or mean_before.abs() <= 1e-4 * embeddings.abs().mean():
-        # A text encoder whose last LayerNorm has no bias (tiny-sd's random one) gives rows of mean 0: there is
+        # A text encoder whose last LayerNorm has no bias (the first tiny-sd's random one) gives rows of mean 0: there is
         # no mean to restore, and mean_before / mean_after would be a ratio of rounding errors.
         return weighted
     if mean_after.abs() <= 1e-4 * weighted.abs().mean():

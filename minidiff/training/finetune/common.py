@@ -1,14 +1,13 @@
 """What the fine-tuning loops share: the concept's data, adding its new token, the diffusion loss, the
 evaluation (does the concept appear? what did the model forget?), and the command-line frame.
 
-The concept. tiny-sd never saw two colour x shape pairs (`shapes.HELD_OUT`); asked for "a purple square" it
-draws blotchy, rounded purple squares that the judge calls circles (16 of 16 seeds: a square needs a fill ratio
-above 0.9, and the 5 that notebook 18 prints fill 0.70-0.83 of their box). Each technique is taught the pair
-from a handful of images drawn by `shapes.py`, under a new word: the prompt "a <sks> square" must give a purple
-square. That is measurable with the rule-based judge of `evaluate.py`: colour AND shape must be right, a strict
-test for squares (it calls 3 of 4 of tiny-sd's own "a cyan square" images circles too, fill 0.85-0.89). Before
-training the new word is a random embedding row, and tiny-sd draws rounded cyan or blue squares for
-"a <sks> square" (no purple in 8 images, for 4 row seeds).
+The concept. tiny-sd never saw two colour x shape pairs in training (`shapes.HELD_OUT`, kept held out by
+scenes.py); the second edition nevertheless draws "a purple square" right when asked in words (32 of 32 seeds),
+so the techniques teach a new word for a pair it can draw. Each technique is taught the pair from a handful of
+images drawn by `shapes.py`, under a new word: the prompt "a <sks> square" must give a purple square. That is
+measurable with the rule-based judge of `evaluate.py`: colour AND shape must be right, a strict test for squares
+(a fill ratio above 0.9). Before training the new word is a random embedding row, and "a <sks> square" gives a
+purple square in 16% of images (purple in 47%), blue ones otherwise (measured with row seed 0).
 
 Forgetting is the judge's score on a fixed set of old prompts ("a red circle", ...: every pair tiny-sd was
 trained on), before and after, with the same seeds.
