@@ -111,7 +111,8 @@ if [ "$PHASE" = v2-lessons ]; then
     # a T2I-Adapter on the scenes' object masks (tiny-sd frozen; the condition shrunk by the VAE's factor 4), then
     # InstructPix2Pix and Depth2Image (tiny-sd's UNet widened). Two at a time; a run that fails is reported and
     # not evaluated; each evaluation is written beside its run. RESUME=--resume continues them.
-    # Not run yet: the first edition's were trained on a CPU (their cards).
+    # Not run yet as one phase: the bundled ones were trained on a CPU, leg by leg (their cards and
+    # training_logs/second-edition/commands.sh).
     SD=${SD:-$RUNS/tiny-sd}
     RESUME=${RESUME:-}
     finished() { wait "$1" && return 0; stamp "$2 failed: see $RUNS/$2.log"; tail -5 "$RUNS/$2.log"; return 1; }

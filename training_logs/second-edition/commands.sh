@@ -59,3 +59,22 @@ python -m minidiff.training evaluate scenes --model runs/v2/tiny-sd-l1
 OMP_NUM_THREADS=2 python -m minidiff.training controlnet --sd runs/v2/tiny-sd-final --out runs/v2/tiny-controlnet-mask \
     --device cpu --num-images 10000 --batch-size 32 --lr 5e-4 --save-every 100 --max-minutes 20 --workers 2
 python -m minidiff.training evaluate-control --model runs/v2/tiny-controlnet-mask --sd runs/v2/tiny-sd-final --num 16
+
+# 2026-12-06, fifth session: the T2I-Adapter on the second-edition tiny-sd, first leg (2 threads; the cores were shared
+# with notebook runs, so 2-thread runs stalled: 504 steps in the 15 minutes), then resumed on one thread
+OMP_NUM_THREADS=2 python -m minidiff.training adapter --sd runs/v2/tiny-sd-final --out runs/v2/tiny-t2i-adapter-mask \
+    --device cpu --num-images 10000 --batch-size 32 --lr 5e-4 --save-every 100 --max-minutes 15 --workers 2
+python -m minidiff.training evaluate-control --model runs/v2/tiny-t2i-adapter-mask --sd runs/v2/tiny-sd-final --num 16
+OMP_NUM_THREADS=1 python -m minidiff.training adapter --sd runs/v2/tiny-sd-final --out runs/v2/tiny-t2i-adapter-mask \
+    --device cpu --num-images 10000 --batch-size 32 --lr 5e-4 --save-every 100 --max-minutes 40 --workers 1 --resume
+# InstructPix2Pix and Depth2Image on it were started (one thread each, --max-minutes 35) and stopped by hand after
+# 156 and 205 steps (4.5 s per step on the shared cores); their states are kept in runs/v2 for a later --resume
+OMP_NUM_THREADS=1 python -m minidiff.training instruct-pix2pix --sd runs/v2/tiny-sd-final --out runs/v2/tiny-instruct-pix2pix \
+    --device cpu --num-images 4000 --batch-size 32 --lr 5e-4 --warmup 50 --save-every 100 --max-minutes 35 --workers 1
+OMP_NUM_THREADS=1 python -m minidiff.training depth2img --sd runs/v2/tiny-sd-final --out runs/v2/tiny-depth2img \
+    --device cpu --num-images 4000 --batch-size 32 --lr 6e-4 --save-every 100 --max-minutes 35 --workers 1
+# both resumed (one thread each, still on shared cores) up to 1,000 steps
+OMP_NUM_THREADS=1 python -m minidiff.training instruct-pix2pix --sd runs/v2/tiny-sd-final --out runs/v2/tiny-instruct-pix2pix \
+    --device cpu --num-images 4000 --batch-size 32 --lr 5e-4 --warmup 50 --save-every 100 --steps 1000 --max-minutes 100 --workers 1 --resume
+OMP_NUM_THREADS=1 python -m minidiff.training depth2img --sd runs/v2/tiny-sd-final --out runs/v2/tiny-depth2img \
+    --device cpu --num-images 4000 --batch-size 32 --lr 6e-4 --save-every 100 --steps 1000 --max-minutes 100 --workers 1 --resume
