@@ -206,11 +206,11 @@ def test_bundled_instruct_pix2pix_applies_edits_where_doing_nothing_applies_none
     table = ee.edit_table(pipe, num=12, seeds=(0,))
     applied = np.mean([table["instruct-pix2pix"][f"{k} applied"] for k in ee.ATTRIBUTES])
     assert all(table["input"][f"{k} applied"] == 0 for k in ee.ATTRIBUTES)
-    assert applied >= 0.25, table                                                  # measured: 0.42 (5 of 12)
+    assert applied >= 0.25, table            # the card, 48 edits x 2 seeds: colour / shape / position 100% / 94% / 9%
 
 
 def test_bundled_depth2img_puts_the_object_where_the_depth_says():
     pipe = ee.load("tiny-depth2img", minidiff.StableDiffusionDepth2ImgPipeline)
     rows = ee.depth_table(pipe, num=12, seeds=(0,))
-    assert rows["depth"]["iou"] - rows["depth zeroed"]["iou"] > 0.25, rows         # measured: 0.548 - 0.030
-    assert sum(a > b for a, b in zip(rows["depth"]["ious"], rows["depth zeroed"]["ious"])) >= 8   # measured: 12
+    assert rows["depth"]["iou"] - rows["depth zeroed"]["iou"] > 0.25, rows         # the card (48 x 2): 0.794 - 0.057
+    assert sum(a > b for a, b in zip(rows["depth"]["ious"], rows["depth zeroed"]["ious"])) >= 8
