@@ -23,6 +23,7 @@ image is generated.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -216,12 +217,10 @@ class StableDiffusionPix2PixZeroPipeline(StableDiffusionPipeline):
             latents = x.chunk(2)[0] if guidance else x                                # (2B, ...) -> (B, ...)
 
             # b. The ordinary guided step from the moved x with the edited prompt (its maps give the loss after a).
-            if return_intermediates:
-                with capture(layers):
-                    eps = self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=text_edit).sample
-                    out.attention_loss_after.append(map_loss([layer.attention_probs for layer in layers.values()]).item())
-            else:
+            with capture(layers) if return_intermediates else nullcontext():
                 eps = self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=text_edit).sample
+                if return_intermediates:
+                    out.attention_loss_after.append(map_loss([layer.attention_probs for layer in layers.values()]).item())
             if guidance:
                 eps = classifier_free_guidance(eps, guidance_scale)
             step = self.scheduler.step(eps, t, latents, generator=generator)

@@ -62,6 +62,11 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
+def data_caption_words(data: str) -> list[str]:
+    """The caption words of --data: 'scenes' (the second edition) or 'shapes' (the first)."""
+    return (scenes if data == "scenes" else shapes).caption_words()
+
+
 def write_tokenizer(folder: str, words: list[str] | None = None) -> dict[str, int]:
     """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (as in SD v1's
     `tokenizer/`) for `words` (default: the scenes' caption words); returns the vocabulary."""
@@ -92,6 +97,6 @@ def main(argv=None) -> None:
                         help="whose caption words: 'scenes' (the second edition, the bundled tiny-sd) or 'shapes' "
                              "(the first edition)")
     args = parser.parse_args(argv)
-    words = (scenes if args.data == "scenes" else shapes).caption_words()
+    words = data_caption_words(args.data)
     vocab = write_tokenizer(args.out, words)
     print(f"wrote a {len(vocab)}-token CLIP vocabulary for {len(words)} {args.data} caption words to {args.out}")

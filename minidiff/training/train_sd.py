@@ -38,11 +38,10 @@ from ..core.compat import save_clip_text_encoder
 from ..schedulers.ddpm import DDPMScheduler
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
-from . import scenes, shapes
 from .common import (CommandError, StepKeeper, add_common_args, autocast, ema_update, load_images, load_state,
                      optimizer_step, pick_device, prepare_run_folder, run_command, warmup_lr, write_json)
 from .shapes import to_model_range
-from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer
+from .tokenizer import MODEL_MAX_LENGTH, data_caption_words, write_tokenizer
 
 TEXT_HIDDEN_SIZE = 64
 
@@ -150,8 +149,7 @@ def train(args, unet_config: dict | None = None, text_encoder_config: dict = TEX
                            f"has UNet configs for {sorted(UNET_CONFIGS)}. Train the VAE with --latent-size 8 or 16.")
     unet_config = unet_config or UNET_CONFIGS[latent_size]
     # every word of the data's captions is one token (scenes' words include the edit instructions')
-    words = scenes.caption_words() if getattr(args, "data", "shapes") == "scenes" else shapes.caption_words()
-    write_tokenizer(os.path.join(args.out, "tokenizer"), words)
+    write_tokenizer(os.path.join(args.out, "tokenizer"), data_caption_words(getattr(args, "data", "shapes")))
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(args.out, "tokenizer"))
     latent_mean, latent_std = encode_latents(vae, images)                          # (N, 4, h, w) each
     del images
