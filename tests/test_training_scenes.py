@@ -13,7 +13,7 @@ import minidiff
 
 from minidiff.training import evaluate_scenes, scenes, train_sd, train_vae
 from minidiff.training.common import CommandError, load_images
-from test_training import TINY_TEXT, parse
+from test_training import TINY_TEXT, TINY_VAE, parse
 
 TINY_VAE_16 = {**train_vae.VAE_CONFIG_16, "block_out_channels": [8, 8, 8], "norm_num_groups": 4}
 
@@ -42,15 +42,22 @@ def test_latent_size_16_makes_16x16_latents():
     assert train_vae.VAE_CONFIGS[16]["down_block_types"] == ["DownEncoderBlock2D"] * 3
 
 
+def train_pipeline(tmp_path_factory, data: str, vae_config: dict):
+    """A VAE of `vae_config` and the sd command's own UNet config for its latents, 2 steps each on --data: a
+    loadable folder. Returns the pipeline folder and the VAE's run folder."""
+    vae_dir = tmp_path_factory.mktemp(f"vae-{data}")
+    train_vae.train(parse(train_vae, "--out", str(vae_dir), "--data", data, "--steps", "2", "--batch-size", "2",
+                          "--num-images", "8"), vae_config)
+    out = tmp_path_factory.mktemp(f"sd-{data}")
+    train_sd.train(parse(train_sd, "--out", str(out), "--vae", str(vae_dir / "vae"), "--data", data,
+                         "--steps", "2", "--batch-size", "2", "--num-images", "8"), None)
+    return out, vae_dir
+
+
 @pytest.fixture(scope="module")
 def scenes_pipeline(tmp_path_factory):
     """A factor-4 VAE and the sd command's own 16x16 UNet config, 2 steps each on scenes: a loadable folder."""
-    vae_dir = tmp_path_factory.mktemp("vae16")
-    train_vae.train(parse(train_vae, "--out", str(vae_dir), "--data", "scenes", "--steps", "2", "--batch-size", "2",
-                          "--num-images", "8"), TINY_VAE_16)
-    out = tmp_path_factory.mktemp("sd16")
-    train_sd.train(parse(train_sd, "--out", str(out), "--vae", str(vae_dir / "vae"), "--data", "scenes",
-                         "--steps", "2", "--batch-size", "2", "--num-images", "8"), None)
+    out, vae_dir = train_pipeline(tmp_path_factory, "scenes", TINY_VAE_16)
     from minidiff.pipelines.base import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(out))
@@ -299,31 +306,26 @@ def test_control_command_seeds_the_new_network_and_continues_a_run_of_its_own(sc
 @pytest.fixture(scope="module")
 def factor8_pipeline(tmp_path_factory):
     """A pipeline of the first tiny-sd's shape (factor-8 VAE, the 2-level 8x8 UNet), 2 steps each on shapes.py, and a
-    ControlNet and a T2I-Adapter made for it (untrained): what the second tiny-sd's commands must refuse."""
+    ControlNet, a T2I-Adapter and an InstructPix2Pix UNet made for it (untrained): what the second tiny-sd's commands
+    must refuse."""
     from minidiff.training.train_control import conditioning_widths, make_adapter
+    from minidiff.training.train_edit import widen_conv_in
 
-    vae_dir = tmp_path_factory.mktemp("vae8")
-    train_vae.train(parse(train_vae, "--out", str(vae_dir), "--steps", "2", "--batch-size", "2", "--num-images", "8"),
-                    {**train_vae.VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4})
-    out = tmp_path_factory.mktemp("sd8")
-    train_sd.train(parse(train_sd, "--out", str(out), "--vae", str(vae_dir / "vae"), "--steps", "2", "--batch-size", "2",
-                         "--num-images", "8"), None)
+    out, _ = train_pipeline(tmp_path_factory, "shapes", TINY_VAE)                  # factor 8: the 8x8 UNet
     unet = minidiff.UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
     nets = tmp_path_factory.mktemp("nets8")
     minidiff.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_widths(8)).save_pretrained(
         str(nets / "controlnet"))
     make_adapter(unet, 8).save_pretrained(str(nets / "adapter"))
-    from minidiff.training.train_edit import widen_conv_in
-
     widen_conv_in(unet, 4).save_pretrained(str(nets / "instruct-pix2pix" / "unet"))    # an InstructPix2Pix UNet of it
-    return out, nets / "controlnet", nets / "adapter"
+    return out, nets / "controlnet", nets / "adapter", nets / "instruct-pix2pix"
 
 
 def test_control_command_refuses_a_network_made_for_another_tiny_sd(scenes_pipeline, factor8_pipeline, tmp_path, capsys):
     from minidiff.training import train_control
 
     sd, _, _ = scenes_pipeline
-    sd8, controlnet8, adapter8 = factor8_pipeline
+    sd8, controlnet8, adapter8, _ = factor8_pipeline
     with pytest.raises(SystemExit) as refused:                            # a ControlNet of the first tiny-sd's shape: 8x, 2 levels
         train_control.main(["--sd", str(sd), "--init", str(controlnet8), "--out", str(tmp_path / "run"),
                             "--device", "cpu"])
@@ -397,7 +399,7 @@ def test_edit_commands_refuse_a_unet_made_from_another_tiny_sd(scenes_pipeline, 
     from minidiff.training import train_edit
 
     sd, _, _ = scenes_pipeline
-    init = factor8_pipeline[1].parent / "instruct-pix2pix"                # made from a first-shape tiny-sd: 8x8, 2 levels
+    init = factor8_pipeline[3]                                            # made from a first-shape tiny-sd: 8x8, 2 levels
     with pytest.raises(SystemExit) as refused:
         train_edit.main(["--sd", str(sd), "--init", str(init), "--out", str(tmp_path / "run"), "--device", "cpu"])
     err = capsys.readouterr().err
