@@ -16,7 +16,8 @@ from minidiff.training import evaluate_control as ec
 from minidiff.training import shapes
 from minidiff.training.common import LOG_NAME
 from minidiff.training.train_control import (COMMAND_NAME, conditioning_widths, load_frozen_sd, main, main_adapter,
-                                             make_adapter, predict_noise, sample_timesteps, shape_masks, vae_factor)
+                                             make_adapter, predict_noise, sample_timesteps, shape_masks)
+from minidiff.training.train_sd import vae_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MB = 1024 * 1024

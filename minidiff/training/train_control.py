@@ -65,17 +65,12 @@ from .common import (CommandError, StepKeeper, add_common_args, autocast, check_
 from .scenes import ScenesDataset, caption as scenes_caption, render_scenes
 from .shapes import ShapesDataset
 from .tokenizer import MODEL_MAX_LENGTH
-from .train_sd import SCHEDULER_CONFIG, encode_latents
+from .train_sd import SCHEDULER_CONFIG, encode_latents, vae_factor
 
 COMMAND_NAME = "command.txt"
 # The conditioning embedding's widths: 3 stride-2 convs (64 px -> 8, the VAE's factor), narrower than SD's
 # (16, 32, 96, 256) to suit tiny-sd's 64-channel UNet. A factor-4 VAE takes the first three (2 stride-2 convs).
 CONDITIONING_WIDTHS = (16, 32, 64, 64)
-
-
-def vae_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent position: each of the VAE's down blocks but the last halves H and W (8 for SD)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def conditioning_widths(factor: int) -> tuple[int, ...]:

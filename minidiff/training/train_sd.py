@@ -111,6 +111,11 @@ MODEL_INDEX = {
 }
 
 
+def vae_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent position: each of the VAE's down blocks but the last halves H and W (8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def make_text_encoder(tokenizer, config: dict = TEXT_ENCODER_CONFIG):
     """A randomly initialised CLIPTextModel whose vocabulary and special tokens match `tokenizer`."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -143,7 +148,7 @@ def train(args, unet_config: dict | None = None, text_encoder_config: dict = TEX
     images, captions = load_images(args, resolution=64, device=device)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device)
     scaling_factor = vae.config.scaling_factor
-    latent_size = 64 // 2 ** (len(vae.config.block_out_channels) - 1)                  # 8 (factor 8) or 16 (factor 4)
+    latent_size = 64 // vae_factor(vae)                                                # 8 (factor 8) or 16 (factor 4)
     if unet_config is None and latent_size not in UNET_CONFIGS:
         raise CommandError(f"--vae {args.vae} makes {latent_size}x{latent_size} latents of a 64x64 image; this command "
                            f"has UNet configs for {sorted(UNET_CONFIGS)}. Train the VAE with --latent-size 8 or 16.")
