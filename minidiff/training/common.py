@@ -102,9 +102,10 @@ def check_args(args, inputs: dict[str, str | None]) -> None:
                            f"go with it. Drop one of them.")
 
 
-def prepare_run_folder(args, inputs: dict[str, str | None]) -> None:
+def prepare_run_folder(args, inputs: dict[str, str | None], outputs=RUN_OUTPUTS) -> None:
     """Check the arguments and --out before any work, then make --out (or, with --overwrite, empty it of the
-    earlier run's RUN_OUTPUTS). A folder that holds files is refused unless --resume or --overwrite."""
+    earlier run's `outputs`: names, or a function name -> bool). A folder that holds files is refused unless
+    --resume or --overwrite."""
     check_args(args, inputs)
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
@@ -120,7 +121,8 @@ def prepare_run_folder(args, inputs: dict[str, str | None]) -> None:
         shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
         raise CommandError(f"--out {out} already holds files ({shown}), which training would write over. Pass "
                            "--resume to continue the run there, --overwrite to replace it, or a new --out.")
-    earlier = [name for name in present if name in RUN_OUTPUTS]
+    is_output = outputs if callable(outputs) else outputs.__contains__
+    earlier = [name for name in present if is_output(name)]
     for option, path in inputs.items():  # e.g. --vae runs/x/vae with --out runs/x: keep what this run reads
         for name in earlier:
             target = os.path.join(out, name)
@@ -134,7 +136,7 @@ def prepare_run_folder(args, inputs: dict[str, str | None]) -> None:
         else:
             os.remove(target)
     if earlier:
-        kept = [name for name in present if name not in RUN_OUTPUTS]
+        kept = [name for name in present if name not in earlier]
         print(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {out}"
               + (f" (kept {', '.join(kept)})" if kept else ""))
     os.makedirs(out, exist_ok=True)

@@ -3,7 +3,7 @@ Custom Diffusion, written out as loops that save in diffusers' formats through m
 
     python -m minidiff.training textual-inversion --out runs/ti
     python -m minidiff.training dreambooth --out runs/db [--lora-rank 4] [--prior-preservation]
-    python -m minidiff.training custom-diffusion --out runs/cd --concept '<new1>:purple:square' --concept '<new2>:cyan:triangle'
+    python -m minidiff.training custom-diffusion --out runs/cd --concept '<new1>:purple:heart' --concept '<new2>:cyan:triangle'
     python -m minidiff.training finetune-compare --out runs/compare     # all of them, same data and budget
 
 | file                   | what it holds                                                          |

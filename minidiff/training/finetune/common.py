@@ -1,16 +1,16 @@
 """What the fine-tuning loops share: the concept's data, adding its new token, the diffusion loss, the
 evaluation (does the concept appear? what did the model forget?), and the command-line frame.
 
-The concept. tiny-sd never saw two colour x shape pairs in training (`shapes.HELD_OUT`, kept held out by
-scenes.py); the second edition nevertheless draws "a purple square" right when asked in words (32 of 32 seeds),
-so the techniques teach a new word for a pair it can draw. Each technique is taught the pair from a handful of
-images drawn by `shapes.py`, under a new word: the prompt "a <sks> square" must give a purple square. That is
-measurable with the rule-based judge of `evaluate.py`: colour AND shape must be right, a strict test for squares
-(a fill ratio above 0.9). Before training the new word is a random embedding row, and "a <sks> square" gives a
-purple square in 16% of images (purple in 47%), blue ones otherwise (measured with row seed 0).
+The concept. tiny-sd's scenes never hold a star or a heart (`scenes.HELD_OUT_SHAPES`): their words are in its
+tokenizer, but no caption it was trained on says them, and it cannot draw them ("a purple heart": 0 of 8
+images show a heart, its VAE reconstructs drawn hearts 8 of 8). Each technique is taught the concept from a
+handful of drawings made by `scenes.py` (one large object on white), under a new word: "a <sks> heart" must
+draw a purple heart. That is measurable with the rule-based judge of `judge.py`: colour AND shape must be
+right. Held-out colour x shape pairs ('<new2>:cyan:triangle') work too; the second-edition tiny-sd draws those
+already when asked in words, so there a technique teaches a new word for a picture, not a new picture.
 
-Forgetting is the judge's score on a fixed set of old prompts ("a red circle", ...: every pair tiny-sd was
-trained on), before and after, with the same seeds.
+Forgetting is the judge's score on a fixed set of old prompts ("a red circle", ...: every colour x shape pair
+tiny-sd was trained on), before and after, with the same seeds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -30,20 +29,22 @@ from ...loaders.textual_inversion import load_textual_inversion, multi_vector_to
 from ...pipelines.base import DiffusionPipeline
 from ...pipelines.text import tokenize
 from ...schedulers.ddpm import DDPMScheduler
-from ..common import CommandError, check_args, prepare_run_folder
-from ..evaluate import analyse
-from ..shapes import COLORS, HELD_OUT, SHAPES, ShapeExample, draw, to_model_range
+from ..common import RUN_OUTPUTS, CommandError, prepare_run_folder
+from ..judge import judge
+from ..scenes import BASE_SHAPES, COLORS, HELD_OUT_PAIRS, SHAPES, SIZES, Scene, SceneObject, render
+from ..shapes import to_model_range
 
-# Every file a fine-tuning command writes into --out: --overwrite removes these (and common.RUN_OUTPUTS).
+# The files a fine-tuning command writes into --out beyond common.RUN_OUTPUTS (is_run_output).
 FINETUNE_OUTPUTS = ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors",
                     "pytorch_custom_diffusion_weights.safetensors", "result.json", "class_images.pt")
-# The old prompts whose scores tell what the model forgot: every pair tiny-sd was trained on.
-OLD_PROMPTS = [(f"a {c} {s}", c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT]
+# The old prompts whose scores tell what the model forgot: every pair tiny-sd was trained on (22).
+OLD_PROMPTS = [(f"a {c} {s}", c, s) for c in COLORS for s in BASE_SHAPES if (c, s) not in HELD_OUT_PAIRS]
+DEFAULT_CONCEPT = "<sks>:purple:heart"
 
 
 @dataclass(frozen=True)
 class Concept:
-    """A new word for a colour x shape pair: "a <sks> square" should draw a purple square."""
+    """A new word for a colour x shape: "a <sks> heart" should draw a purple heart."""
 
     token: str
     color: str
@@ -59,24 +60,26 @@ class Concept:
 
 
 def parse_concept(text: str) -> Concept:
-    """'<sks>:purple:square' -> Concept, or one error naming what is expected."""
+    """'<sks>:purple:heart' -> Concept, or one error naming what is expected."""
     parts = text.split(":")
     if len(parts) != 3 or parts[1] not in COLORS or parts[2] not in SHAPES or not parts[0].strip():
         raise CommandError(f"--concept {text!r}: expected TOKEN:COLOUR:SHAPE with COLOUR in {list(COLORS)} and SHAPE "
-                           f"in {list(SHAPES)}, e.g. '<sks>:purple:square'.")
+                           f"in {list(SHAPES)}, e.g. '{DEFAULT_CONCEPT}'.")
     return Concept(*parts)
 
 
 def instance_images(concept: Concept, num_images: int, seed: int = 0) -> torch.Tensor:
-    """`num_images` drawings of the concept (any size and place, white background): uint8 (N, 3, 64, 64)."""
+    """`num_images` drawings of the concept by `scenes.render`: one object of the palette's colour, large (side 24
+    to 30 of 64, the largest tiny-sd draws), anywhere, on white. uint8 (N, 3, 64, 64)."""
     images = []
+    low, high = SIZES["large"]
     for i in range(num_images):
         rng = random.Random(f"minidiff-finetune/{seed}/{concept.color}/{concept.shape}/{i}")
-        side = rng.uniform(24, 44)
+        side = rng.uniform(low, high)
         cx, cy = rng.uniform(side / 2 + 1, 63 - side / 2), rng.uniform(side / 2 + 1, 63 - side / 2)
-        example = ShapeExample(concept.color, concept.shape, None, None, "white",
-                               (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), concept.prompt)
-        images.append(torch.from_numpy(np.array(draw(example, rng))).permute(2, 0, 1))   # (64, 64, 3) -> (3, 64, 64)
+        box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+        scene = Scene((SceneObject(concept.color, concept.shape, "large", box, COLORS[concept.color]),), "white", (255.0,))
+        images.append(torch.from_numpy(render(scene)["image"]).permute(2, 0, 1))   # (64, 64, 3) -> (3, 64, 64)
     return torch.stack(images)                                                  # N x (3, 64, 64)
 
 
@@ -141,15 +144,21 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidan
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
 
 
+def judged(image) -> tuple[str | None, str | None]:
+    """(colour, shape) of the largest object the judge finds, (None, None) in an image without one."""
+    objects = judge(image, max_objects=1).objects
+    return (objects[0].color, objects[0].shape) if objects else (None, None)
+
+
 def concept_rate(pipe, concepts: list[Concept], num_seeds: int, seed: int = 1000) -> dict[str, dict[str, float]]:
     """For each concept's prompt, the share of `num_seeds` images whose colour / shape / both the judge finds right
-    ("both" is the concept appearing)."""
+    for the largest object ("both" is the concept appearing)."""
     rates = {}
     for concept in concepts:
         images = generate(pipe, [concept.prompt] * num_seeds, [seed + i for i in range(num_seeds)])
-        found = [analyse(image) for image in images]
-        color = [a.color == concept.color for a in found]
-        shape = [a.shape == concept.shape for a in found]
+        found = [judged(image) for image in images]
+        color = [c == concept.color for c, _ in found]
+        shape = [s == concept.shape for _, s in found]
         rates[concept.token] = {"both": sum(c and s for c, s in zip(color, shape)) / num_seeds,
                                 "color": sum(color) / num_seeds, "shape": sum(shape) / num_seeds}
     return rates
@@ -161,8 +170,8 @@ def old_prompt_scores(pipe, seeds_per_prompt: int = 1, seed: int = 2000) -> dict
     for k in range(seeds_per_prompt):
         images = generate(pipe, [p for p, _, _ in OLD_PROMPTS], [seed + 100 * k + i for i in range(len(OLD_PROMPTS))])
         for (_, c, s), image in zip(OLD_PROMPTS, images):
-            a = analyse(image)
-            color, shape, both = color + (a.color == c), shape + (a.shape == s), both + (a.color == c and a.shape == s)
+            found_c, found_s = judged(image)
+            color, shape, both = color + (found_c == c), shape + (found_s == s), both + (found_c == c and found_s == s)
     n = seeds_per_prompt * len(OLD_PROMPTS)
     return {"color": color / n, "shape": shape / n, "both": both / n}
 
@@ -180,9 +189,9 @@ def add_finetune_args(parser: argparse.ArgumentParser, steps: int, lr: float, co
     parser.add_argument("--base", default="tiny-sd", help="the SD v1 pipeline folder to fine-tune (or 'tiny-sd')")
     parser.add_argument("--out", required=True, help="folder for the learned weights, the loss log and result.json: "
                         "new or empty, unless --resume or --overwrite")
-    parser.add_argument("--concept", action=concepts, default=None if concepts == "append" else "<sks>:purple:square",
-                        help="TOKEN:COLOUR:SHAPE, the prompt is 'a TOKEN SHAPE' (default: tiny-sd's held-out purple "
-                        "square)")
+    parser.add_argument("--concept", action=concepts, default=None if concepts == "append" else DEFAULT_CONCEPT,
+                        help="TOKEN:COLOUR:SHAPE, the prompt is 'a TOKEN SHAPE' (default: a purple heart, a shape "
+                        "tiny-sd never saw)")
     parser.add_argument("--num-instance-images", type=int, default=5, help="drawings of the concept to learn from")
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -197,20 +206,19 @@ def add_finetune_args(parser: argparse.ArgumentParser, steps: int, lr: float, co
     parser.set_defaults(num_images=1, warmup=0, ema_decay=1.0, max_minutes=None, workers=1, init=None)
 
 
+def is_run_output(name: str) -> bool:
+    """Is this file of --out one that a fine-tuning run writes (and --overwrite removes)? Common's RUN_OUTPUTS,
+    FINETUNE_OUTPUTS and the words' <token>.safetensors; every other file is the user's and is kept."""
+    return name in RUN_OUTPUTS or name in FINETUNE_OUTPUTS or (name.startswith("<") and name.endswith(">.safetensors"))
+
+
 def start_run(args) -> None:
-    """Check the options and --out before any work (common.prepare_run_folder). With --overwrite, an earlier
-    fine-tuning run's own files (FINETUNE_OUTPUTS, <token>.safetensors) go first, then common's RUN_OUTPUTS;
-    every other file in --out is kept."""
+    """Check the options and --out before any work, then make --out (common.prepare_run_folder; with
+    --overwrite, an earlier run's files go, `is_run_output`)."""
     if args.num_instance_images < 1 or args.eval_seeds < 0:
         raise CommandError(f"--num-instance-images must be >= 1 and --eval-seeds >= 0; found "
                            f"{args.num_instance_images} and {args.eval_seeds}.")
-    check_args(args, inputs={})
-    if args.overwrite and not args.resume and os.path.isdir(args.out):
-        for name in os.listdir(args.out):
-            if name in FINETUNE_OUTPUTS or (name.startswith("<") and name.endswith(">.safetensors")):
-                path = os.path.join(args.out, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    prepare_run_folder(args, inputs={})
+    prepare_run_folder(args, inputs={}, outputs=is_run_output)
 
 
 class Timer:

@@ -4,8 +4,8 @@
 
 Each run trains on the same instance images (seed 0), with the same steps, batch size and noise seeds, then
 its saved files are loaded into a fresh base model THROUGH THE LOADERS (what a user downloading them would do)
-and judged by evaluate.py: how often the concept appears (colour AND shape right, `--eval-seeds` images of
-"a <sks> square"), and the old prompts' scores before and after (common.OLD_PROMPTS, 2 seeds each). Training
+and judged by judge.py: how often the concept appears (colour AND shape right, `--eval-seeds` images of
+"a <sks> heart"), and the old prompts' scores before and after (common.OLD_PROMPTS, 2 seeds each). Training
 time is the loop's own (1 CPU thread when OMP_NUM_THREADS=1), without the evaluation.
 """
 
@@ -21,7 +21,7 @@ from ...loaders.custom_diffusion import load_attn_procs
 from ...models.unet_2d_condition import UNet2DConditionModel
 from ..common import CommandError, run_command, write_json
 from . import custom_diffusion, dreambooth, textual_inversion
-from .common import concept_rate, load_base, old_prompt_scores, parse_concept
+from .common import DEFAULT_CONCEPT, concept_rate, load_base, old_prompt_scores, parse_concept
 
 # (name, module, options): the learning rates were picked on tiny-sd with short runs (the module docstrings).
 RUNS = [
@@ -31,8 +31,8 @@ RUNS = [
     ("db-full-prior", dreambooth, ["--lr", "1e-4", "--prior-preservation"]),
     ("db-lora", dreambooth, ["--lr", "1e-3", "--lora-rank", "4"]),
     ("db-lora-prior", dreambooth, ["--lr", "1e-3", "--lora-rank", "4", "--prior-preservation"]),
-    ("cd", custom_diffusion, ["--lr", "3e-3", "--concept", "<sks>:purple:square"]),
-    ("cd-2", custom_diffusion, ["--lr", "3e-3", "--concept", "<sks>:purple:square", "--concept", "<new2>:cyan:triangle"]),
+    ("cd", custom_diffusion, ["--lr", "3e-3", "--concept", "<sks>:purple:heart"]),
+    ("cd-2", custom_diffusion, ["--lr", "3e-3", "--concept", "<sks>:purple:heart", "--concept", "<new2>:cyan:triangle"]),
 ]
 
 
@@ -88,7 +88,7 @@ def compare(args):
             row = json.load(f)
         pipe = load_finetuned(args.base, folder)
         concepts = [parse_concept(o) for o, prev in zip(options, [""] + options) if prev == "--concept"] \
-            or [parse_concept("<sks>:purple:square")]
+            or [parse_concept(DEFAULT_CONCEPT)]
         row.update(name=name, command="python -m minidiff.training " + module.__name__.rsplit(".", 1)[1].replace(
             "_", "-") + " " + " ".join(f"'{a}'" if "<" in a else a for a in argv),
             concept_rate=concept_rate(pipe, concepts, args.eval_seeds), old_prompts=old_prompt_scores(pipe, 2))

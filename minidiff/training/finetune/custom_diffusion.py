@@ -2,7 +2,7 @@
 https://arxiv.org/abs/2212.04488): only the cross-attention key/value projections and new words learn.
 
     python -m minidiff.training custom-diffusion --out runs/cd
-    python -m minidiff.training custom-diffusion --out runs/cd2 --concept '<new1>:purple:square' --concept '<new2>:cyan:triangle'
+    python -m minidiff.training custom-diffusion --out runs/cd2 --concept '<new1>:purple:heart' --concept '<new2>:cyan:triangle'
 
 The text reaches the image only through cross-attention, as K = W_k c and V = W_v c (sec. 3.2): Custom
 Diffusion fine-tunes W_k and W_v of every attn2 (they change most in full fine-tuning) and one modifier token
@@ -37,7 +37,7 @@ def cross_attention_kv(unet) -> dict[str, torch.nn.Parameter]:
 
 
 def train(args):
-    concepts = [parse_concept(text) for text in (args.concept or ["<new1>:purple:square"])]
+    concepts = [parse_concept(text) for text in (args.concept or ["<new1>:purple:heart"])]
     start_run(args)
 
     # 1. the base model, one new word per concept, and what learns: attn2's W_k, W_v and the words' rows

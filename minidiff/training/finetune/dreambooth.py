@@ -4,8 +4,8 @@
     python -m minidiff.training dreambooth --out runs/db-prior --prior-preservation
     python -m minidiff.training dreambooth --out runs/db-lora --lora-rank 4        # LoRA on the attention
 
-The instance prompt is "a [V] [class noun]" ("a <sks> square"). Fine-tuning on a few images of the subject
-also teaches the model that every square looks like them (language drift); the prior-preservation loss keeps
+The instance prompt is "a [V] [class noun]" ("a <sks> heart"). Fine-tuning on a few images of the subject
+also teaches the model that every heart looks like them (language drift); the prior-preservation loss keeps
 the class as it was, with images the model generated itself for "a [class noun]" before training (eq. 2):
 
     loss = || eps - eps_theta(z_t, t, c_instance) ||^2  +  λ || eps' - eps_theta(z'_t', t', c_class) ||^2
@@ -67,7 +67,7 @@ def train(args):
     start_run(args)
     pipe = load_base(args.base, args.seed)
 
-    # 1. prior preservation's class images: what the base model draws for "a square", before any change
+    # 1. prior preservation's class images: what the base model draws for "a heart", before any change
     if args.prior_preservation:
         class_pictures = generate(pipe, [concept.class_prompt] * args.num_class_images,
                                   [3000 + i for i in range(args.num_class_images)])
@@ -98,7 +98,7 @@ def train(args):
         idx = torch.randint(len(latent_mean), (B,), generator=generator)
         loss = diffusion_loss(pipe, noise_schedule, latent_mean[idx], latent_std[idx], ids.expand(B, -1), generator)
         prior_loss = torch.zeros(())
-        if args.prior_preservation:          # λ || eps' - eps_theta(z'_t, t, "a square") ||^2 (Ruiz et al., eq. 2)
+        if args.prior_preservation:          # λ || eps' - eps_theta(z'_t, t, "a heart") ||^2 (Ruiz et al., eq. 2)
             idx = torch.randint(len(class_mean), (B,), generator=generator)
             prior_loss = diffusion_loss(pipe, noise_schedule, class_mean[idx], class_std[idx],
                                         class_ids.expand(B, -1), generator)

@@ -5,7 +5,7 @@
 A new word S* is added to the vocabulary, and only its embedding row(s) v* learn; the UNet, the VAE, the text
 encoder and every other row of the table stay as they were (Gal et al., eq. 2):
 
-    v* = argmin_v  E_{z_0, eps, t} || eps - eps_theta(z_t, t, c_theta("a S* square")) ||^2
+    v* = argmin_v  E_{z_0, eps, t} || eps - eps_theta(z_t, t, c_theta("a S* heart")) ||^2
 
 A concept of n vectors is n tokens "<sks> <sks>_1 ..." (diffusers' convention, loaders/textual_inversion.py).
 The gradient reaches the whole table, so after each step the rows that must not learn are written back: AdamW
