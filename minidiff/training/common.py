@@ -22,6 +22,7 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -102,10 +103,10 @@ def check_args(args, inputs: dict[str, str | None]) -> None:
                            f"go with it. Drop one of them.")
 
 
-def prepare_run_folder(args, inputs: dict[str, str | None], outputs=RUN_OUTPUTS) -> None:
+def prepare_run_folder(args, inputs: dict[str, str | None], is_output: Callable[[str], bool] | None = None) -> None:
     """Check the arguments and --out before any work, then make --out (or, with --overwrite, empty it of the
-    earlier run's `outputs`: names, or a function name -> bool). A folder that holds files is refused unless
-    --resume or --overwrite."""
+    earlier run's files: the names for which `is_output(name)` is true, by default those in RUN_OUTPUTS). A
+    folder that holds files is refused unless --resume or --overwrite."""
     check_args(args, inputs)
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
@@ -121,7 +122,8 @@ def prepare_run_folder(args, inputs: dict[str, str | None], outputs=RUN_OUTPUTS)
         shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
         raise CommandError(f"--out {out} already holds files ({shown}), which training would write over. Pass "
                            "--resume to continue the run there, --overwrite to replace it, or a new --out.")
-    is_output = outputs if callable(outputs) else outputs.__contains__
+    if is_output is None:
+        is_output = RUN_OUTPUTS.__contains__
     earlier = [name for name in present if is_output(name)]
     for option, path in inputs.items():  # e.g. --vae runs/x/vae with --out runs/x: keep what this run reads
         for name in earlier:

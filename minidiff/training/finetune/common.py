@@ -2,8 +2,8 @@
 evaluation (does the concept appear? what did the model forget?), and the command-line frame.
 
 The concept. tiny-sd's scenes never hold a star or a heart (`scenes.HELD_OUT_SHAPES`): their words are in its
-tokenizer, but no caption it was trained on says them, and it cannot draw them ("a purple heart": 0 of 8
-images show a heart, its VAE reconstructs drawn hearts 8 of 8). Each technique is taught the concept from a
+tokenizer, but no caption it was trained on says them, and it cannot draw them (notebook 18: "a purple heart"
+gives no heart in 5 images, while its VAE gives back 5 of 5 drawn hearts). Each technique is taught the concept from a
 handful of drawings made by `scenes.py` (one large object on white), under a new word: "a <sks> heart" must
 draw a purple heart. That is measurable with the rule-based judge of `judge.py`: colour AND shape must be
 right. Held-out colour x shape pairs ('<new2>:cyan:triangle') work too; the second-edition tiny-sd draws those
@@ -21,7 +21,6 @@ import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,14 +28,15 @@ from ...loaders.textual_inversion import load_textual_inversion, multi_vector_to
 from ...pipelines.base import DiffusionPipeline
 from ...pipelines.text import tokenize
 from ...schedulers.ddpm import DDPMScheduler
-from ..common import RUN_OUTPUTS, CommandError, prepare_run_folder
+from ..common import LOG_NAME, STATE_NAME, CommandError, prepare_run_folder
 from ..judge import judge
 from ..scenes import BASE_SHAPES, COLORS, HELD_OUT_PAIRS, SHAPES, SIZES, Scene, SceneObject, render
 from ..shapes import to_model_range
 
-# The files a fine-tuning command writes into --out beyond common.RUN_OUTPUTS (is_run_output).
-FINETUNE_OUTPUTS = ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors",
-                    "pytorch_custom_diffusion_weights.safetensors", "result.json", "class_images.pt")
+# The files a fine-tuning command writes into --out (and the words' <token>.safetensors, is_run_output):
+# --overwrite removes these and keeps everything else.
+FINETUNE_OUTPUTS = (STATE_NAME, STATE_NAME + ".tmp", LOG_NAME, "unet", "learned_embeds.safetensors",
+                    "pytorch_lora_weights.safetensors", "pytorch_custom_diffusion_weights.safetensors", "result.json")
 # The old prompts whose scores tell what the model forgot: every pair tiny-sd was trained on (22).
 OLD_PROMPTS = [(f"a {c} {s}", c, s) for c in COLORS for s in BASE_SHAPES if (c, s) not in HELD_OUT_PAIRS]
 DEFAULT_CONCEPT = "<sks>:purple:heart"
@@ -207,18 +207,19 @@ def add_finetune_args(parser: argparse.ArgumentParser, steps: int, lr: float, co
 
 
 def is_run_output(name: str) -> bool:
-    """Is this file of --out one that a fine-tuning run writes (and --overwrite removes)? Common's RUN_OUTPUTS,
-    FINETUNE_OUTPUTS and the words' <token>.safetensors; every other file is the user's and is kept."""
-    return name in RUN_OUTPUTS or name in FINETUNE_OUTPUTS or (name.startswith("<") and name.endswith(">.safetensors"))
+    """Is this file of --out one that a fine-tuning run writes (and --overwrite removes)? FINETUNE_OUTPUTS and
+    the words' <token>.safetensors; every other file is the user's and is kept."""
+    return name in FINETUNE_OUTPUTS or (name.startswith("<") and name.endswith(">.safetensors"))
 
 
 def start_run(args) -> None:
     """Check the options and --out before any work, then make --out (common.prepare_run_folder; with
-    --overwrite, an earlier run's files go, `is_run_output`)."""
+    --overwrite, an earlier run's files go, `is_run_output`, unless --base is among them)."""
     if args.num_instance_images < 1 or args.eval_seeds < 0:
         raise CommandError(f"--num-instance-images must be >= 1 and --eval-seeds >= 0; found "
                            f"{args.num_instance_images} and {args.eval_seeds}.")
-    prepare_run_folder(args, inputs={}, outputs=is_run_output)
+    base = args.base if os.path.isdir(args.base) else None                     # a folder, or a bundled name
+    prepare_run_folder(args, inputs={"--base": base}, is_output=is_run_output)
 
 
 class Timer:

@@ -4,7 +4,7 @@ it took 13 minutes on 1 CPU thread of a 2-core machine, beside one or two other 
     OMP_NUM_THREADS=1 python -m minidiff.training finetune-compare --out runs/compare-heart
 
 Every run: tiny-sd, the concept "<sks>" = a purple heart (a shape tiny-sd never saw in training: "a purple
-heart" gives no heart in 8 images), 5 drawings by scenes.py, 400 steps x batch 4, seed 0; Custom Diffusion's
+heart" gives no heart in 5 images, notebook 18), 5 drawings by scenes.py, 400 steps x batch 4, seed 0; Custom Diffusion's
 second concept "<new2>" is the cyan triangle, a held-out pair that tiny-sd draws when asked in words. Each run's
 own command is under "command". Judged by judge.py after loading the saved files back through the loaders:
 "concept_rate" on 32 images of the concept prompt, "old_prompts" on the 22 colour x shape pairs tiny-sd was
