@@ -150,18 +150,20 @@ def judged(image) -> tuple[str | None, str | None]:
     return (objects[0].color, objects[0].shape) if objects else (None, None)
 
 
+def rates_of(images, concept: Concept) -> dict[str, float]:
+    """The share of `images` whose largest object has the concept's colour / shape / both ("both": it appears)."""
+    found = [judged(image) for image in images]
+    color = [c == concept.color for c, _ in found]
+    shape = [s == concept.shape for _, s in found]
+    n = len(found)
+    return {"both": sum(c and s for c, s in zip(color, shape)) / n, "color": sum(color) / n, "shape": sum(shape) / n}
+
+
 def concept_rate(pipe, concepts: list[Concept], num_seeds: int, seed: int = 1000) -> dict[str, dict[str, float]]:
-    """For each concept's prompt, the share of `num_seeds` images whose colour / shape / both the judge finds right
-    for the largest object ("both" is the concept appearing)."""
-    rates = {}
-    for concept in concepts:
-        images = generate(pipe, [concept.prompt] * num_seeds, [seed + i for i in range(num_seeds)])
-        found = [judged(image) for image in images]
-        color = [c == concept.color for c, _ in found]
-        shape = [s == concept.shape for _, s in found]
-        rates[concept.token] = {"both": sum(c and s for c, s in zip(color, shape)) / num_seeds,
-                                "color": sum(color) / num_seeds, "shape": sum(shape) / num_seeds}
-    return rates
+    """For each concept's prompt, `rates_of` its images for seeds seed .. seed + num_seeds - 1."""
+    return {concept.token: rates_of(generate(pipe, [concept.prompt] * num_seeds,
+                                             [seed + i for i in range(num_seeds)]), concept)
+            for concept in concepts}
 
 
 def old_prompt_scores(pipe, seeds_per_prompt: int = 1, seed: int = 2000) -> dict[str, float]:
